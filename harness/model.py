@@ -1,0 +1,149 @@
+"""The full RWKV-7 language model around a pluggable time-mix (spec §3.1-3.2, §3.6).
+
+Parameter names outside the time-mix are RWKV-LM's (``emb``, ``blocks.<i>.ln0/ln1/ln2/ffn``, ``ln_out``, ``head``);
+inside it they are the implementation's own, reachable under canonical names through its :class:`NameMap`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from impls.base import Implementation, to_canonical, to_native
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_layer: int
+    n_embd: int
+    head_size: int = 64
+    vocab_size: int = 65536
+    ctx_len: int = 512
+    grad_cp: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n_layer < 2:
+            raise ValueError("n_layer must be at least 2 (the init uses layer/(n_layer-1))")
+        if self.n_embd % self.head_size or self.n_embd % 32:
+            raise ValueError(f"n_embd {self.n_embd} must be a multiple of 32 and of head_size {self.head_size}")
+
+
+class Block(nn.Module):
+    def __init__(self, impl: Implementation, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(cfg.n_embd)
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.att = impl.time_mix(layer_id, cfg.n_layer, cfg.n_embd, cfg.head_size)
+        self.ffn = impl.channel_mix(layer_id, cfg.n_layer, cfg.n_embd)
+
+    def forward(self, x: torch.Tensor, v_first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.layer_id == 0:
+            x = self.ln0(x)
+        out, v_first = self.att(self.ln1(x), v_first)
+        x = x + out
+        x = x + self.ffn(self.ln2(x))
+        return x, v_first
+
+
+class L2Wrap(torch.autograd.Function):
+    """Identity on the loss; in backward adds 1e-4 * max_logit / (B*T) at each position's argmax (spec §3.6)."""
+
+    @staticmethod
+    def forward(ctx, loss: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(logits)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (logits,) = ctx.saved_tensors
+        factor = 1e-4 / (logits.shape[0] * logits.shape[1])
+        maxx, ids = torch.max(logits, -1, keepdim=True)
+        glogits = torch.zeros_like(logits).scatter_(-1, ids, maxx * factor)
+        return grad_output, glogits
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over all B*T positions, with RWKV-LM's L2Wrap on the logits."""
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    return L2Wrap.apply(loss, logits)
+
+
+class RWKV(nn.Module):
+    def __init__(self, impl: Implementation, cfg: ModelConfig):
+        super().__init__()
+        self.impl = impl
+        self.cfg = cfg
+        self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(impl, cfg, i) for i in range(cfg.n_layer))
+        self.ln_out = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if idx.shape[1] > self.cfg.ctx_len:
+            raise ValueError(f"sequence length {idx.shape[1]} exceeds ctx_len {self.cfg.ctx_len}")
+        x = self.emb(idx)
+        v_first = torch.empty_like(x)
+        for block in self.blocks:
+            if self.cfg.grad_cp and self.training:
+                x, v_first = torch.utils.checkpoint.checkpoint(block, x, v_first, use_reentrant=False)
+            else:
+                x, v_first = block(x, v_first)
+        return self.head(self.ln_out(x))
+
+    # --- canonical (RWKV-LM) names -----------------------------------------------------------------
+
+    def canonical_name(self, name: str) -> str:
+        """Map a parameter name of this model to its RWKV-LM name."""
+        parts = name.split(".")
+        if len(parts) > 3 and parts[0] == "blocks" and parts[2] == "att":
+            canonical, _ = self.impl.name_map.canonical(".".join(parts[3:]))
+            return ".".join(parts[:3] + [canonical])
+        return name
+
+    def native_name(self, canonical: str) -> tuple[str, str]:
+        """Map an RWKV-LM name to (this model's name, transform)."""
+        parts = canonical.split(".")
+        if len(parts) > 3 and parts[0] == "blocks" and parts[2] == "att":
+            native, transform = self.impl.name_map.native(".".join(parts[3:]))
+            return ".".join(parts[:3] + [native]), transform
+        return canonical, "same"
+
+    def canonical_state_dict(self) -> dict[str, torch.Tensor]:
+        """Parameters under RWKV-LM names and layouts (layer-0 v0/v1/v2 only if the impl has them)."""
+        out = {}
+        for name, tensor in self.state_dict().items():
+            canonical = self.canonical_name(name)
+            _, transform = self.native_name(canonical)
+            out[canonical] = to_canonical(tensor, transform)
+        return out
+
+    def load_canonical_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load RWKV-LM-named tensors; layer-0 v0/v1/v2 are skipped for impls that lack them."""
+        own = self.state_dict()
+        converted = {}
+        for canonical, tensor in state.items():
+            native, transform = self.native_name(canonical)
+            if native not in own:
+                if _is_unused_layer0_value_lora(canonical, self.impl):
+                    continue
+                raise KeyError(f"{canonical} has no counterpart ({native}) in impl {self.impl.name}")
+            converted[native] = to_native(tensor, transform)
+        missing = sorted(set(own) - set(converted))
+        if missing:
+            raise KeyError(f"state dict lacks {len(missing)} tensors, e.g. {missing[0]}")
+        self.load_state_dict(converted, strict=True)
+
+
+def _is_unused_layer0_value_lora(canonical: str, impl: Implementation) -> bool:
+    parts = canonical.split(".")
+    return parts[:3] == ["blocks", "0", "att"] and parts[3] in impl.name_map.absent_in_layer0
+
+
+def count_parameters(model: nn.Module, exclude_embedding: bool = False) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if not (exclude_embedding and n == "emb.weight"))

@@ -1,0 +1,44 @@
+"""Registry of time-mix implementations, selected with ``impl=<name>``.
+
+Implementation modules are imported lazily so that a missing optional dependency (CUDA toolchain,
+flash-linear-attention, triton) only matters when that implementation is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from impls.base import Implementation
+
+# impl name -> (module, attribute holding the Implementation, what to install if the import fails)
+_REGISTRY: dict[str, tuple[str, str, str]] = {
+    "reference": ("impls.reference", "REFERENCE", "pip install -e ."),
+    "rwkv": ("impls.rwkv", "RWKV_EAGER", "pip install -e .  (and a CUDA toolchain)"),
+    "rwkv_jit": ("impls.rwkv", "RWKV_JIT", "pip install -e .  (and a CUDA toolchain)"),
+    "fla": ("impls.fla", "FLA", "pip install -e '.[gpu]'  (flash-linear-attention, fla-core, triton)"),
+}
+
+
+class ImplementationError(Exception):
+    """An ``impl=`` name that cannot be used; the message is one line for the user."""
+
+
+def names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get(name: str) -> Implementation:
+    """Look up an implementation by its ``impl=`` name."""
+    if name not in _REGISTRY:
+        raise ImplementationError(f"unknown impl {name!r}; choose one of: {', '.join(_REGISTRY)}")
+    module_name, attribute, install_hint = _REGISTRY[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in {"impls", "harness"}:
+            raise
+        raise ImplementationError(
+            f"impl {name!r} needs the Python module {exc.name!r}, which is not installed; "
+            f"install it with: {install_hint}"
+        ) from None
+    return getattr(module, attribute)

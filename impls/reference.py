@@ -1,0 +1,135 @@
+"""Pure-PyTorch RWKV-7 (x070) time-mix and channel-mix: the oracle every other implementation is tested against.
+
+Semantics are RWKV-LM ``RWKV-v7/train_temp`` at the G1 generation (commit dc6c3ec), spec §3. The WKV recurrence
+runs as a sequential loop in fp32 (fp64 when the inputs are fp64), so it runs anywhere, slowly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.init import channelmix_init, timemix_init
+from impls.base import Implementation
+
+# Decay actually applied: exp(-e^-0.5 * sigmoid(w_raw)), so decay is in (0.545, 1).
+W_SCALE = -math.exp(-0.5)
+
+
+def wkv7_reference(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   a: torch.Tensor, b: torch.Tensor, state: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The x070 WKV recurrence, one step at a time.
+
+    Inputs are (B, T, H, N); ``w`` is the raw decay logit. ``state`` is (B, H, N, N) with S[i, j], i the value
+    channel and j the key channel. Per step: ``S = S (diag(d) + a b^T) + v k^T``, ``y = S r``.
+    Returns ``(y, final_state)``; y has the input dtype, the state the compute dtype (fp32, or fp64 for fp64 inputs).
+    """
+    compute = torch.promote_types(r.dtype, torch.float32)
+    r, w, k, v, a, b = (t.to(compute) for t in (r, w, k, v, a, b))
+    B, T, H, N = r.shape
+    decay = torch.exp(W_SCALE * torch.sigmoid(w))
+    S = torch.zeros(B, H, N, N, dtype=compute, device=r.device) if state is None else state.to(compute)
+    ys = []
+    for t in range(T):
+        sa = torch.einsum("bhij,bhj->bhi", S, a[:, t])
+        S = (S * decay[:, t, :, None, :] + sa[..., None] * b[:, t, :, None, :]
+             + v[:, t, :, :, None] * k[:, t, :, None, :])
+        ys.append(torch.einsum("bhij,bhj->bhi", S, r[:, t]))
+    return torch.stack(ys, dim=1), S
+
+
+class TimeMix(nn.Module):
+    """RWKV_Tmix_x070 with RWKV-LM parameter names; ``wkv`` is the only part an implementation swaps."""
+
+    def __init__(self, layer_id: int, n_layer: int, n_embd: int, head_size: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.head_size = head_size
+        self.n_head = n_embd // head_size
+        init = timemix_init(layer_id, n_layer, n_embd, head_size)
+        for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "w1", "w2", "a0", "a1", "a2",
+                     "v0", "v1", "v2", "g1", "g2", "k_k", "k_a", "r_k"):
+            setattr(self, name, nn.Parameter(init[name]))
+        self.time_shift = nn.ZeroPad2d((0, 0, 1, -1))
+        self.receptance = nn.Linear(n_embd, n_embd, bias=False)
+        self.key = nn.Linear(n_embd, n_embd, bias=False)
+        self.value = nn.Linear(n_embd, n_embd, bias=False)
+        self.output = nn.Linear(n_embd, n_embd, bias=False)
+        self.ln_x = nn.GroupNorm(self.n_head, n_embd, eps=64e-5)
+        with torch.no_grad():
+            for name in ("receptance", "key", "value", "output"):
+                getattr(self, name).weight.copy_(init[f"{name}.weight"])
+            self.ln_x.weight.copy_(init["ln_x.weight"])
+            self.ln_x.bias.copy_(init["ln_x.bias"])
+
+    def wkv(self, r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        B, T, C = r.shape
+        shape = (B, T, self.n_head, self.head_size)
+        y, _ = wkv7_reference(*(t.view(shape) for t in (r, w, k, v, a, b)))
+        return y.to(r.dtype).view(B, T, C)
+
+    def forward(self, x: torch.Tensor, v_first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, C = x.shape
+        H, N = self.n_head, self.head_size
+        xx = self.time_shift(x) - x
+        xr = x + xx * self.x_r
+        xw = x + xx * self.x_w
+        xk = x + xx * self.x_k
+        xv = x + xx * self.x_v
+        xa = x + xx * self.x_a
+        xg = x + xx * self.x_g
+
+        r = self.receptance(xr)
+        w = self.w0 + torch.tanh(xw @ self.w1) @ self.w2
+        k = self.key(xk)
+        v = self.value(xv)
+        if self.layer_id == 0:
+            v_first = v
+        else:
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
+        g = torch.sigmoid(xg @ self.g1) @ self.g2
+
+        kk = k * self.k_k
+        kk = F.normalize(kk.view(B, T, H, N), dim=-1, p=2.0).view(B, T, C)
+        k = k * (1 + (a - 1) * self.k_a)
+
+        y = self.wkv(r, w, k, v, -kk, kk * a)
+        y = self.ln_x(y.view(B * T, C)).view(B, T, C)
+        bonus = (r.view(B, T, H, N) * k.view(B, T, H, N) * self.r_k).sum(dim=-1, keepdim=True)
+        y = y + (bonus * v.view(B, T, H, N)).view(B, T, C)
+        return self.output(y * g), v_first
+
+
+class ChannelMix(nn.Module):
+    """RWKV_CMix_x070: token-shift mix, relu^2 MLP of width 4C."""
+
+    def __init__(self, layer_id: int, n_layer: int, n_embd: int):
+        super().__init__()
+        init = channelmix_init(layer_id, n_layer, n_embd)
+        self.time_shift = nn.ZeroPad2d((0, 0, 1, -1))
+        self.x_k = nn.Parameter(init["x_k"])
+        self.key = nn.Linear(n_embd, 4 * n_embd, bias=False)
+        self.value = nn.Linear(4 * n_embd, n_embd, bias=False)
+        with torch.no_grad():
+            self.key.weight.copy_(init["key.weight"])
+            self.value.weight.copy_(init["value.weight"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xx = self.time_shift(x) - x
+        k = x + xx * self.x_k
+        k = torch.relu(self.key(k)) ** 2
+        return self.value(k)
+
+
+REFERENCE = Implementation(
+    name="reference",
+    time_mix=TimeMix,
+    channel_mix=ChannelMix,
+    description="pure-PyTorch x070 time-mix, sequential fp32 WKV loop (the oracle)",
+)
