@@ -129,3 +129,59 @@ def rwkv_lm_state_dict(n_layer: int, n_embd: int, head_size: int, vocab_size: in
     if bf16_round_trip:
         sd = {k: v.to(torch.bfloat16).to(torch.float32) for k, v in sd.items()}
     return sd
+
+
+INIT_MODES = ("shared", "native", "seed_separate")
+
+
+def _outside_time_mix(name: str) -> bool:
+    return ".att." not in name
+
+
+def seed_separate_state_dict(n_layer: int, n_embd: int, vocab_size: int, seed: int) -> dict[str, torch.Tensor]:
+    """Non-time-mix tensors as the published comparison's 'separate' arm left them: constructor defaults.
+
+    Nothing was loaded there, so emb kept nn.Embedding's N(0,1), head nn.Linear's U(+-1/sqrt(C)), and the FFN
+    key RWKV-LM's constructor U(+-0.5/sqrt(C)) instead of ``generate_init_weight``'s values (spec §9.4)."""
+    g = torch.Generator().manual_seed(seed)
+    C = n_embd
+    sd: dict[str, torch.Tensor] = {"emb.weight": torch.randn(vocab_size, C, generator=g)}
+    for layer in range(n_layer):
+        prefix = f"blocks.{layer}"
+        if layer == 0:
+            sd.update(layer_norm_init(f"{prefix}.ln0", C))
+        sd.update(layer_norm_init(f"{prefix}.ln1", C))
+        sd.update(layer_norm_init(f"{prefix}.ln2", C))
+        ffn = channelmix_init(layer, n_layer, C, g)
+        ffn["key.weight"] = torch.empty(4 * C, C).uniform_(-0.5 / math.sqrt(C), 0.5 / math.sqrt(C), generator=g)
+        sd.update({f"{prefix}.ffn.{k}": v for k, v in ffn.items()})
+    sd.update(layer_norm_init("ln_out", C))
+    bound = 1 / math.sqrt(C)
+    sd["head.weight"] = torch.empty(vocab_size, C).uniform_(-bound, bound, generator=g)
+    return sd
+
+
+def apply_init(model: torch.nn.Module, mode: str, seed: int) -> dict[str, torch.Tensor]:
+    """Initialise ``model`` (a harness RWKV) in place; returns the canonical tensors that were loaded.
+
+    * ``shared``: every tensor from one RWKV-LM-style init (bf16 round trip), converted into the implementation,
+      so every implementation starts from the same function;
+    * ``native``: the time-mix keeps the implementation's own constructor init (drawn under ``seed``); everything
+      else is the RWKV-LM init, identical across implementations;
+    * ``seed_separate``: the published comparison's 'separate' arm: the implementation's own time-mix init and
+      constructor defaults everywhere else.
+    """
+    cfg = model.cfg
+    if mode == "shared":
+        state = rwkv_lm_state_dict(cfg.n_layer, cfg.n_embd, cfg.head_size, cfg.vocab_size, seed)
+    elif mode == "native":
+        full = rwkv_lm_state_dict(cfg.n_layer, cfg.n_embd, cfg.head_size, cfg.vocab_size, seed)
+        state = {k: v for k, v in full.items() if _outside_time_mix(k)}
+    elif mode == "seed_separate":
+        state = seed_separate_state_dict(cfg.n_layer, cfg.n_embd, cfg.vocab_size, seed)
+    else:
+        raise ValueError(f"unknown init mode {mode!r}; choose one of {', '.join(INIT_MODES)}")
+    if mode != "shared":
+        state = {**{k: v for k, v in model.canonical_state_dict().items() if not _outside_time_mix(k)}, **state}
+    model.load_canonical_state_dict(state)
+    return state

@@ -1,0 +1,77 @@
+"""The environment every result carries: hardware, package versions, git state."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import os
+import platform
+import socket
+import subprocess
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+_PACKAGES = ("torch", "lightning", "triton", "flash-linear-attention", "fla-core", "deepspeed",
+             "hydra-core", "numpy", "transformers")
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_state(root: Path = REPO_ROOT) -> dict[str, object]:
+    """Commit of the harness and whether the working tree had uncommitted changes."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpu_info() -> dict[str, object]:
+    if not torch.cuda.is_available():
+        return {"gpu": None, "gpu_count": 0, "cuda": None}
+    props = torch.cuda.get_device_properties(0)
+    return {"gpu": props.name, "gpu_count": torch.cuda.device_count(), "cuda": torch.version.cuda,
+            "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+            "compute_capability": f"{props.major}.{props.minor}"}
+
+
+def environment() -> dict[str, object]:
+    """Everything needed to tell where a number came from."""
+    return {
+        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        **gpu_info(),
+        "versions": package_versions(),
+        "git": git_state(),
+        "env_flags": {k: v for k, v in os.environ.items()
+                      if k.startswith(("FLA_", "TRITON_", "RWKV_", "CUDA_VISIBLE", "TORCH_EXTENSIONS"))},
+    }
