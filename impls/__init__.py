@@ -27,8 +27,10 @@ def names() -> list[str]:
     return list(_REGISTRY)
 
 
-def get(name: str) -> Implementation:
-    """Look up an implementation by its ``impl=`` name."""
+def get(name: str, **options: object) -> Implementation:
+    """Look up an implementation by its ``impl=`` name.
+
+    ``options`` (e.g. ``fuse_norm`` for fla) go to the module's ``make_implementation`` factory."""
     if name not in _REGISTRY:
         raise ImplementationError(f"unknown impl {name!r}; choose one of: {', '.join(_REGISTRY)}")
     module_name, attribute, install_hint = _REGISTRY[name]
@@ -41,4 +43,9 @@ def get(name: str) -> Implementation:
             f"impl {name!r} needs the Python module {exc.name!r}, which is not installed; "
             f"install it with: {install_hint}"
         ) from None
+    if options:
+        factory = getattr(module, "make_implementation", None)
+        if factory is None:
+            raise ImplementationError(f"impl {name!r} takes no options, got {', '.join(options)}")
+        return factory(**options)
     return getattr(module, attribute)

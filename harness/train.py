@@ -1,0 +1,464 @@
+"""The one training path: PyTorch Lightning, single-process fp32 on a CPU, DeepSpeed ZeRO-2 bf16 on GPUs.
+
+Stages: validate the config (nothing written before it passes) -> build model + init -> Lightning fit with
+callbacks that set the lr, time each step with a device synchronize, log steps.csv, checkpoint, and stop cleanly
+on Ctrl-C -> throughput summary into run.json. Rerunning the same command resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+
+import impls
+from harness.data import BinIdx, StepWindows, default_data_prefix, magic_prime
+from harness.env import environment
+from harness.errors import HarnessError
+from harness.init import apply_init
+from harness.model import RWKV, ModelConfig, count_parameters, lm_loss
+from harness.optim import LRSchedule, describe_groups, param_groups, set_lr
+from harness.results import RunDir, StepLog, read_steps, throughput_summary, write_json_atomic
+from impls.base import Implementation
+
+# Dense bf16 peak per GPU, for MFU (6 x non-embedding parameters per token).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# Keys that may change between a run and its resumption without changing what is computed.
+RESUME_NEUTRAL_KEYS = ("trainer.ckpt_every", "trainer.num_workers", "overwrite")
+
+
+class NonFiniteLoss(HarnessError):
+    pass
+
+
+# --- configuration -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything validated up front, before any file is written."""
+
+    impl: Implementation
+    model_cfg: ModelConfig
+    run_dir: RunDir
+    data_prefix: Path
+    data_tokens: int
+    magic_prime: int
+    micro_bsz: int
+    world_size: int
+    max_steps: int
+    accelerator: str
+    strategy: str
+    precision: str
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_bsz * self.world_size * self.model_cfg.ctx_len
+
+
+def resolve_impl(impl_cfg: DictConfig) -> Implementation:
+    return impls.get(impl_cfg.name, **{k: v for k, v in impl_cfg.items() if k != "name"})
+
+
+def resolve_data_prefix(path: str | None) -> Path:
+    return default_data_prefix() if path in (None, "", "sample") else Path(path).expanduser()
+
+
+def plan_run(cfg: DictConfig) -> Plan:
+    """Validate the config and the environment; raise a one-line HarnessError for anything wrong."""
+    if not isinstance(cfg.bsz, int) or cfg.bsz <= 0:
+        raise HarnessError(f"bsz must be a positive integer, got {cfg.bsz!r}")
+    if cfg.trainer.max_steps <= 0:
+        raise HarnessError(f"trainer.max_steps must be positive, got {cfg.trainer.max_steps}")
+    impl = resolve_impl(cfg.impl)
+    accelerator = _accelerator(cfg.trainer.accelerator)
+    if impl.needs_cuda and accelerator != "gpu":
+        raise HarnessError(f"impl {impl.name!r} needs a CUDA GPU and none is available; on a CPU use impl=reference")
+    try:
+        model_cfg = ModelConfig(**{k: v for k, v in cfg.model.items() if k != "name"},
+                                grad_cp=bool(cfg.trainer.grad_cp))
+    except (TypeError, ValueError) as exc:
+        raise HarnessError(f"bad model config: {exc}") from None
+    prefix = resolve_data_prefix(cfg.data.path)
+    data = BinIdx(prefix)
+    prime = magic_prime(data.num_tokens, model_cfg.ctx_len)
+    world_size = int(cfg.trainer.devices) * int(cfg.trainer.num_nodes) if accelerator == "gpu" else 1
+    run_id = cfg.run_id or f"{impl.name}-{cfg.init.mode}-bsz{cfg.bsz}-seed{cfg.seed}"
+    return Plan(
+        impl=impl, model_cfg=model_cfg, run_dir=RunDir(Path(cfg.results_dir) / cfg.experiment / run_id),
+        data_prefix=prefix, data_tokens=data.num_tokens, magic_prime=prime, micro_bsz=cfg.bsz,
+        world_size=world_size, max_steps=int(cfg.trainer.max_steps), accelerator=accelerator,
+        strategy=_strategy(cfg.trainer.strategy, accelerator), precision=_precision(cfg.trainer.precision, accelerator),
+    )
+
+
+def _accelerator(requested: str) -> str:
+    if requested == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if requested == "gpu" and not torch.cuda.is_available():
+        raise HarnessError("trainer.accelerator=gpu but no CUDA GPU is available")
+    return requested
+
+
+def _strategy(requested: str, accelerator: str) -> str:
+    if requested != "auto":
+        return requested
+    return "deepspeed_stage_2" if accelerator == "gpu" else "auto"
+
+
+def _precision(requested: str, accelerator: str) -> str:
+    if requested != "auto":
+        return requested
+    return "bf16-mixed" if accelerator == "gpu" else "32-true"
+
+
+# --- model, data and optimizer ----------------------------------------------------------------------
+
+
+def shared_init_file(cfg: DictConfig, plan: Plan) -> Path:
+    """One init per (experiment, model, seed), reused by every implementation's run."""
+    name = f"{cfg.model.name}-seed{cfg.seed}.safetensors"
+    return Path(cfg.results_dir) / cfg.experiment / "init" / name
+
+
+def build_model(cfg: DictConfig, plan: Plan) -> tuple[RWKV, dict]:
+    """Model with its init applied; returns the init record for run.json."""
+    torch.manual_seed(cfg.seed)
+    model = RWKV(plan.impl, plan.model_cfg)
+    mode = cfg.init.mode
+    if mode == "shared":
+        path = shared_init_file(cfg, plan)
+        if not path.exists():
+            state = apply_init(model, mode, cfg.seed)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            save_file({k: v.to(torch.bfloat16).contiguous() for k, v in state.items()}, str(tmp))
+            tmp.replace(path)
+        else:
+            model.load_canonical_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+        return model, {"mode": mode, "seed": cfg.seed, "file": str(path), "sha256": _sha256(path)}
+    apply_init(model, mode, cfg.seed)
+    return model, {"mode": mode, "seed": cfg.seed}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def make_optimizer(groups: list[dict], cfg: DictConfig, plan: Plan) -> torch.optim.Optimizer:
+    o = cfg.optim
+    kwargs = dict(lr=o.lr_init, betas=tuple(o.betas), eps=o.eps)
+    if plan.strategy.startswith("deepspeed"):
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(groups, bias_correction=True, adam_w_mode=True, weight_decay=0.0, amsgrad=False, **kwargs)
+    return torch.optim.AdamW(groups, weight_decay=0.0, fused=plan.accelerator == "gpu", **kwargs)
+
+
+class LitRWKV(L.LightningModule):
+    def __init__(self, model: RWKV, cfg: DictConfig, plan: Plan, start_step: int):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.plan = plan
+        self.start_step = start_step
+        self.last_loss: torch.Tensor | None = None
+
+    def train_dataloader(self) -> DataLoader:
+        p = self.plan
+        windows = StepWindows(BinIdx(p.data_prefix), p.model_cfg.ctx_len, p.micro_bsz, p.magic_prime,
+                              start_step=self.start_step, num_steps=p.max_steps - self.start_step,
+                              world_size=self.trainer.world_size, rank=self.trainer.global_rank)
+        workers = int(self.cfg.trainer.num_workers)
+        return DataLoader(windows, batch_size=p.micro_bsz, shuffle=False, drop_last=True, num_workers=workers,
+                          pin_memory=p.accelerator == "gpu", persistent_workers=False)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = lm_loss(self.model(x), y)
+        self.last_loss = self.all_gather(loss.detach().float()).mean()
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        groups = param_groups(self.model, self.cfg.optim.weight_decay, self.cfg.optim.grouping)
+        return make_optimizer(groups, self.cfg, self.plan)
+
+
+# --- callbacks ---------------------------------------------------------------------------------------
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class LRScheduler(Callback):
+    """RWKV-LM's schedule, set per step from the global step (so it continues correctly after a resume)."""
+
+    def __init__(self, schedule: LRSchedule):
+        self.schedule = schedule
+        self.lr = schedule(0)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lr = self.schedule(trainer.global_step)
+        for optimizer in trainer.optimizers:
+            set_lr(optimizer, self.lr)
+
+
+class StepRecorder(Callback):
+    """Times each step between synchronized step ends, writes a steps.csv row, feeds the progress bar.
+
+    The first ``timing_warmup`` steps of every process are flagged ``warmup`` (compilation, autotuning, allocator
+    growth), not dropped. A non-finite loss stops the run with a clear message; what was logged stays."""
+
+    def __init__(self, log: StepLog | None, plan: Plan, lr: LRScheduler, timing_warmup: int, first_step: int):
+        self.log, self.plan, self.lr = log, plan, lr
+        self.timing_warmup = timing_warmup
+        self.first_step = first_step
+        self._last: float | None = None
+        self.first_step_s: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._last is None:
+            _sync()
+            self._last = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        _sync()
+        now = time.perf_counter()
+        elapsed, self._last = now - self._last, now
+        step = trainer.global_step - 1
+        if self.first_step_s is None:
+            self.first_step_s = elapsed
+        loss = float(pl_module.last_loss)
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(f"loss became {loss} at step {step}; stopped, steps before it are logged in "
+                                f"{self.plan.run_dir.steps_csv}")
+        kt_per_s = self.plan.tokens_per_step / elapsed / 1000
+        if self.log is not None:
+            self.log.append({"step": step, "tokens": (step + 1) * self.plan.tokens_per_step, "loss": loss,
+                             "lr": self.lr.lr, "step_time_s": elapsed, "kt_per_s": kt_per_s,
+                             "warmup": int(step < self.first_step + self.timing_warmup)})
+        pl_module.log_dict({"loss": loss, "kt/s": kt_per_s}, prog_bar=True, on_step=True, logger=False)
+
+
+class Checkpointer(Callback):
+    """Checkpoints (weights + optimizer + loop state) every ``every`` steps and when Ctrl-C is pressed.
+
+    The first Ctrl-C finishes the current step, checkpoints and stops; a second one interrupts at once.
+    ``last.json`` is written only after a checkpoint is complete, so a crash mid-save keeps the previous one."""
+
+    def __init__(self, run_dir: RunDir, every: int):
+        self.run_dir, self.every = run_dir, every
+        self.interrupted = False
+        self._previous_handler = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame) -> None:
+        self.interrupted = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\ninterrupt: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to abort)")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.interrupted or (self.every > 0 and step % self.every == 0):
+            self.save(trainer, step)
+        if self.interrupted:
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
+
+    def save(self, trainer: L.Trainer, step: int) -> None:
+        directory = self.run_dir.checkpoint_dir
+        name = f"step-{step}.ckpt"
+        trainer.save_checkpoint(directory / name)
+        if trainer.is_global_zero:
+            previous = self.run_dir.resumable_step()
+            write_json_atomic(self.run_dir.last_checkpoint_step, {"step": step, "path": name})
+            if previous is not None and previous != step:
+                _remove(directory / f"step-{previous}.ckpt")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
+# --- the run -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    status: str  # completed | interrupted | already_complete
+    run_dir: RunDir
+    final_step: int
+    summary: dict
+
+
+def _flat_config(cfg: DictConfig) -> dict[str, object]:
+    flat: dict[str, object] = {}
+
+    def walk(node: object, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat
+
+
+def _config_differences(stored: dict, current: DictConfig) -> list[str]:
+    old = _flat_config(OmegaConf.create(stored))
+    new = _flat_config(current)
+    keys = (set(old) | set(new)) - set(RESUME_NEUTRAL_KEYS)
+    return sorted(k for k in keys if old.get(k) != new.get(k))
+
+
+def prepare_run_dir(cfg: DictConfig, plan: Plan) -> int | None:
+    """Decide fresh start vs resume; returns the resume step, or None for a fresh start.
+
+    Raises HarnessError when the directory holds a different run; returns -1 when the run is already complete."""
+    rd = plan.run_dir
+    if cfg.overwrite and rd.path.exists():
+        shutil.rmtree(rd.path)
+    stored = rd.read_run_json()
+    if stored:
+        differences = _config_differences(stored.get("config", {}), cfg)
+        if differences:
+            raise HarnessError(f"{rd.path} holds a run with another config (differs in {', '.join(differences)}); "
+                               f"choose another run_id=/experiment= or pass overwrite=true")
+        if stored.get("status") == "completed":
+            return -1
+    return rd.resumable_step()
+
+
+def train(cfg: DictConfig) -> RunOutcome:
+    plan = plan_run(cfg)
+    resume_step = prepare_run_dir(cfg, plan)
+    rd = plan.run_dir
+    if resume_step == -1:
+        stored = rd.read_run_json()
+        return RunOutcome("already_complete", rd, stored.get("final_step", plan.max_steps), stored.get("throughput", {}))
+    start_step = resume_step or 0
+    rd.path.mkdir(parents=True, exist_ok=True)
+    setup_start = time.perf_counter()
+    model, init_record = build_model(cfg, plan)
+    _record_start(cfg, plan, model, init_record, resume_step)
+
+    schedule = LRSchedule(cfg.optim.lr_init, cfg.optim.lr_final, cfg.optim.warmup_steps, plan.tokens_per_step,
+                          cfg.optim.exit_tokens or plan.max_steps * plan.tokens_per_step)
+    trainer, recorder, checkpointer, log = _make_trainer(cfg, plan, schedule, start_step)
+    lit = LitRWKV(model, cfg, plan, start_step)
+    ckpt_path = rd.checkpoint_dir / json.loads(rd.last_checkpoint_step.read_text())["path"] if resume_step else None
+    setup_s = time.perf_counter() - setup_start
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch.*")
+            trainer.fit(lit, ckpt_path=ckpt_path)
+    except BaseException as exc:
+        if trainer.is_global_zero:
+            rd.update_run_json(status=f"failed: {type(exc).__name__}: {exc}")
+        raise
+    finally:
+        if log is not None:
+            log.close()
+    final_step = trainer.global_step
+    status = "interrupted" if checkpointer.interrupted and final_step < plan.max_steps else "completed"
+    summary = _summarize(plan, model, recorder, setup_s)
+    if trainer.is_global_zero:
+        rd.update_run_json(status=status, final_step=final_step, throughput=summary)
+    return RunOutcome(status, rd, final_step, summary)
+
+
+def _make_trainer(cfg: DictConfig, plan: Plan, schedule: LRSchedule, start_step: int):
+    lr = LRScheduler(schedule)
+    is_rank_zero = _is_launching_rank_zero()
+    log = StepLog(plan.run_dir.steps_csv, start_step) if is_rank_zero else None
+    recorder = StepRecorder(log, plan, lr, int(cfg.trainer.timing_warmup_steps), start_step)
+    checkpointer = Checkpointer(plan.run_dir, int(cfg.trainer.ckpt_every))
+    trainer = L.Trainer(
+        accelerator=plan.accelerator, devices=cfg.trainer.devices if plan.accelerator == "gpu" else 1,
+        num_nodes=cfg.trainer.num_nodes if plan.accelerator == "gpu" else 1, strategy=plan.strategy,
+        precision=plan.precision, max_steps=plan.max_steps, max_epochs=-1, gradient_clip_val=cfg.optim.grad_clip,
+        logger=False, enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+        use_distributed_sampler=False, callbacks=[lr, recorder, checkpointer], log_every_n_steps=1,
+    )
+    return trainer, recorder, checkpointer, log
+
+
+def _is_launching_rank_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+def _record_start(cfg: DictConfig, plan: Plan, model: RWKV, init_record: dict, resume_step: int | None) -> None:
+    if not _is_launching_rank_zero():
+        return
+    rd = plan.run_dir
+    stored = rd.read_run_json()
+    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.grouping)
+    resumes = stored.get("resumed_from", []) + ([resume_step] if resume_step else [])
+    rd.update_run_json(
+        status="running",
+        config=OmegaConf.to_container(cfg, resolve=True),
+        environment=stored.get("environment", []) + [environment()],
+        impl={"name": plan.impl.name, "description": plan.impl.description, "flags": plan.impl.flags,
+              "needs_cuda": plan.impl.needs_cuda},
+        trainer={"accelerator": plan.accelerator, "strategy": plan.strategy, "precision": plan.precision,
+                 "world_size": plan.world_size},
+        data={"prefix": str(plan.data_prefix), "tokens": plan.data_tokens, "magic_prime": plan.magic_prime},
+        tokens_per_step=plan.tokens_per_step,
+        parameters={"total": count_parameters(model), "non_embedding": count_parameters(model, True)},
+        optimizer_groups=describe_groups(groups, model),
+        init=init_record,
+        resumed_from=resumes,
+    )
+
+
+def _summarize(plan: Plan, model: RWKV, recorder: StepRecorder, setup_s: float) -> dict:
+    rows = read_steps(plan.run_dir.steps_csv) if plan.run_dir.steps_csv.exists() else []
+    summary = throughput_summary(rows, plan.tokens_per_step)
+    flops_per_token = 6 * count_parameters(model, exclude_embedding=True)
+    peak = _peak_flops()
+    kt = summary["kt_per_s"]
+    summary.update(
+        setup_s=setup_s,
+        first_step_s=recorder.first_step_s,
+        warmup_s=sum(float(r["step_time_s"]) for r in rows if r["warmup"] == "1"),
+        flops_per_token=flops_per_token,
+        mfu=(kt * 1000 * flops_per_token / (peak * plan.world_size)) if (peak and kt) else None,
+    )
+    return summary
+
+
+def _peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
