@@ -1,0 +1,49 @@
+"""The step benchmark on a tiny model on the CPU: argument parsing, tidy rows, the profiler report."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.bench import FIELDS, kernel_report, main, parse_overrides
+
+TINY = ["impl=reference", "bsz=2", "ctx=16", "n_layer=2", "n_embd=64", "vocab=97", "warmup=1", "steps=2",
+        "profile_steps=1", "device=cpu"]
+
+
+def test_overrides_are_typed_and_default_to_the_anchor_setup() -> None:
+    cfg = parse_overrides(["impl=rwkv_jit", "bsz=16", "lr=0.001"])
+    assert (cfg.impl, cfg.bsz, cfg.lr) == ("rwkv_jit", 16, 0.001)
+    assert (cfg.ctx, cfg.n_layer, cfg.n_embd, cfg.vocab, cfg.warmup, cfg.steps) == (512, 12, 768, 65536, 8, 30)
+
+
+def test_unknown_override_is_refused() -> None:
+    with pytest.raises(SystemExit, match="batch"):
+        parse_overrides(["batch=4"])
+
+
+def test_smoke_run_appends_tidy_rows_with_environment(tmp_path: Path) -> None:
+    for _ in range(2):
+        main(["step", *TINY, f"out={tmp_path}"])
+    with (tmp_path / "step.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and tuple(rows[0]) == FIELDS
+    assert rows[0]["impl"] == "reference" and float(rows[0]["kt_per_s"]) > 0 and rows[0]["jit"] == "False"
+    records = [json.loads(line) for line in (tmp_path / "step.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and "git" in records[0]["environment"]
+
+
+def test_profile_writes_a_report(tmp_path: Path) -> None:
+    main(["step", *TINY, f"out={tmp_path}", "--profile"])
+    assert (tmp_path / "profile_reference_bsz2.txt").read_text().startswith("impl=reference bsz=2")
+
+
+def test_kernel_report_sums_time_by_kind_of_work() -> None:
+    kernels = [("void (anonymous namespace)::wkv7_backward_kernel<64>(...)", 12, 3000.0),
+               ("sm90_xmma_gemm_bf16bf16_bf16f32", 300, 6000.0),
+               ("void at::native::vectorized_elementwise_kernel<4, ...>", 900, 1000.0)]
+    report = kernel_report(kernels, steps=1, wall_s=0.02)
+    assert "wkv7 (time-mix recurrence)" in report and "matmul" in report and "50% GPU busy" in report
