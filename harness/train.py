@@ -230,7 +230,7 @@ class StepRecorder(Callback):
     growth), not dropped. A non-finite loss stops the run with a clear message; what was logged stays."""
 
     def __init__(self, log: StepLog | None, plan: Plan, lr: LRScheduler, timing_warmup: int, first_step: int):
-        self.log, self.plan, self.lr = log, plan, lr
+        self.step_log, self.plan, self.lr = log, plan, lr
         self.timing_warmup = timing_warmup
         self.first_step = first_step
         self._last: float | None = None
@@ -253,8 +253,8 @@ class StepRecorder(Callback):
             raise NonFiniteLoss(f"loss became {loss} at step {step}; stopped, steps before it are logged in "
                                 f"{self.plan.run_dir.steps_csv}")
         kt_per_s = self.plan.tokens_per_step / elapsed / 1000
-        if self.log is not None:
-            self.log.append({"step": step, "tokens": (step + 1) * self.plan.tokens_per_step, "loss": loss,
+        if self.step_log is not None:
+            self.step_log.append({"step": step, "tokens": (step + 1) * self.plan.tokens_per_step, "loss": loss,
                              "lr": self.lr.lr, "step_time_s": elapsed, "kt_per_s": kt_per_s,
                              "warmup": int(step < self.first_step + self.timing_warmup)})
         pl_module.log_dict({"loss": loss, "kt/s": kt_per_s}, prog_bar=True, on_step=True, logger=False)

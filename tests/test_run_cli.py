@@ -1,0 +1,136 @@
+"""End-to-end runs of ``python -m harness.run`` on a CPU: the main job, bad input, resume after a kill."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harness.data import write_binidx
+
+REPO = Path(__file__).resolve().parent.parent
+# A very small model so that the subprocess tests stay fast on 2 cores.
+SMALL = ["impl=reference", "model=tiny", "model.n_embd=64", "model.head_size=32", "model.ctx_len=32", "bsz=2"]
+
+
+def run_harness(args: list[str], results: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "harness.run", f"results_dir={results}", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_rows(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, fragment: str, results: Path) -> None:
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error:") and fragment in lines[0], lines[0]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not results.exists() or not any(results.rglob("steps.csv")), "a failed start must leave no results"
+
+
+@pytest.mark.slow
+def test_main_job_tiny_reference_run_learns(tmp_path):
+    results = tmp_path / "results"
+    start = time.time()
+    proc = run_harness(["impl=reference", "model=tiny", "trainer.max_steps=40"], results)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert time.time() - start < 180
+    (run_dir,) = [p.parent for p in results.rglob("steps.csv")]
+    rows = read_rows(run_dir / "steps.csv")
+    assert [int(r["step"]) for r in rows] == list(range(40))
+    losses = [float(r["loss"]) for r in rows]
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < first - 1.0, (first, last)
+    assert all(float(r["kt_per_s"]) > 0 and float(r["step_time_s"]) > 0 for r in rows)
+    assert [r["warmup"] for r in rows[:10]] == ["1"] * 10 and rows[10]["warmup"] == "0"
+    import json
+
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "completed" and run["final_step"] == 40
+    assert run["config"]["impl"]["name"] == "reference"
+    env = run["environment"][0]
+    assert env["versions"]["torch"] and env["versions"]["lightning"] and "commit" in env["git"] and env["cpu"]
+    assert run["throughput"]["timed_steps"] == 30 and run["throughput"]["kt_per_s"] > 0
+    assert set(run["optimizer_groups"]) == {"lr2x", "decay", "plain"}
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["impl=nonexistent"], "unknown impl 'nonexistent'"),
+    (["bsz=0"], "bsz must be a positive integer"),
+    (["bsz=-3"], "bsz must be a positive integer"),
+    (["data.path=/nonexistent/corpus"], "/nonexistent/corpus"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, fragment):
+    results = tmp_path / "results"
+    assert_one_line_error(run_harness([*SMALL, *args], results, timeout=120), fragment, results)
+
+
+def test_corrupt_index_is_one_line(tmp_path):
+    prefix = tmp_path / "bad"
+    write_binidx(prefix, [np.arange(5000, dtype=np.uint16)])
+    raw = bytearray((tmp_path / "bad.idx").read_bytes())
+    raw[:9] = b"NOTANIDX\x00"
+    (tmp_path / "bad.idx").write_bytes(bytes(raw))
+    results = tmp_path / "results"
+    proc = run_harness([*SMALL, f"data.path={prefix}"], results, timeout=120)
+    assert_one_line_error(proc, "bad.idx", results)
+
+
+def test_ctx_len_longer_than_data_is_one_line(tmp_path):
+    prefix = tmp_path / "short"
+    write_binidx(prefix, [np.arange(20, dtype=np.uint16)])
+    results = tmp_path / "results"
+    proc = run_harness([*SMALL, f"data.path={prefix}"], results, timeout=120)
+    assert_one_line_error(proc, "ctx_len", results)
+
+
+def test_gpu_impl_on_cpu_is_one_line(tmp_path):
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    results = tmp_path / "results"
+    proc = run_harness([*SMALL, "impl=rwkv"], results, timeout=120)
+    assert_one_line_error(proc, "rwkv", results)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_losses(tmp_path):
+    steps = ["trainer.max_steps=16", "trainer.ckpt_every=4", "trainer.num_workers=0"]
+    straight = tmp_path / "straight"
+    proc = run_harness([*SMALL, *steps], straight)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reference = read_rows(next(straight.rglob("steps.csv")))
+
+    resumed = tmp_path / "resumed"
+    cmd = [sys.executable, "-m", "harness.run", f"results_dir={resumed}", *SMALL, *steps]
+    victim = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        logs = list(resumed.rglob("steps.csv"))
+        if logs and len(read_rows(logs[0])) >= 10:
+            break
+        time.sleep(0.05)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    killed_rows = read_rows(next(resumed.rglob("steps.csv")))
+    assert 10 <= len(killed_rows) < 16
+
+    proc = run_harness([*SMALL, *steps], resumed)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = read_rows(next(resumed.rglob("steps.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(16))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in reference]
+
+    again = run_harness([*SMALL, *steps], resumed)
+    assert again.returncode == 0 and "already complete" in again.stdout
