@@ -14,6 +14,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -120,9 +121,11 @@ def measure(cfg: StepConfig) -> dict[str, object]:
 
 def with_environment(row: dict[str, object], env: dict[str, object]) -> dict[str, object]:
     versions, git = env["versions"], env["git"]
+    commit, dirty = git["commit"], git["dirty"]
+    if commit is None:  # a copy of the tree without .git (a remote GPU box): the caller may name the commit
+        commit, dirty = os.environ.get("RWKV_GIT_COMMIT"), os.environ.get("RWKV_GIT_DIRTY")
     return {**row, "timestamp": env["timestamp"], "gpu": env["gpu"], "torch": versions.get("torch"),
-            "triton": versions.get("triton"), "cuda": env["cuda"], "git_commit": git["commit"],
-            "git_dirty": git["dirty"]}
+            "triton": versions.get("triton"), "cuda": env["cuda"], "git_commit": commit, "git_dirty": dirty}
 
 
 def append_row(row: dict[str, object], env: dict[str, object], out_dir: Path) -> Path:
@@ -167,8 +170,10 @@ def kernel_report(kernels: list[tuple[str, int, float]], steps: int, wall_s: flo
     total_us = sum(us for _, _, us in kernels)
     if not total_us:
         return "no CUDA kernels recorded"
+    launches = sum(calls for _, calls, _ in kernels) / steps
     lines = [f"{steps} profiled steps: {wall_s / steps * 1e3:.1f} ms/step wall (with profiler), "
-             f"{total_us / steps / 1e3:.1f} ms/step of kernels ({100 * total_us / 1e6 / wall_s:.0f}% GPU busy)",
+             f"{total_us / steps / 1e3:.1f} ms/step of kernels ({100 * total_us / 1e6 / wall_s:.0f}% GPU busy), "
+             f"{launches:.0f} kernels/step",
              "", f"{'ms/step':>8} {'%':>5} {'calls/step':>10}  kernel"]
     for name, calls, us in sorted(kernels, key=lambda k: -k[2])[:top]:
         lines.append(f"{us / steps / 1e3:8.2f} {100 * us / total_us:5.1f} {calls / steps:10.0f}  {name[:110]}")
@@ -178,6 +183,16 @@ def kernel_report(kernels: list[tuple[str, int, float]], steps: int, wall_s: flo
     lines += ["", f"{'ms/step':>8} {'%':>5}  kind of work"]
     for kind, us in sorted(by_kind.items(), key=lambda item: -item[1]):
         lines.append(f"{us / steps / 1e3:8.2f} {100 * us / total_us:5.1f}  {kind}")
+    return "\n".join(lines)
+
+
+def cpu_report(ops: list[tuple[str, int, float]], steps: int, top: int = 12) -> str:
+    """Host side: (op name, calls, self CPU µs), the ops that cost the CPU most (profiler overhead included)."""
+    total_us = sum(us for _, _, us in ops)
+    lines = [f"host: {total_us / steps / 1e3:.1f} ms/step of self CPU time in ops",
+             f"{'ms/step':>8} {'calls/step':>10}  op"]
+    for name, calls, us in sorted(ops, key=lambda op: -op[2])[:top]:
+        lines.append(f"{us / steps / 1e3:8.2f} {calls / steps:10.0f}  {name[:110]}")
     return "\n".join(lines)
 
 
@@ -197,10 +212,11 @@ def profile(cfg: StepConfig) -> str:
             train_step(model, optimizer, idx, targets)
         synchronize(cfg.device)
         wall = time.perf_counter() - start
-    kernels = [(e.key, e.count, e.self_device_time_total) for e in prof.key_averages()
-               if e.device_type == DeviceType.CUDA]
+    events = prof.key_averages()
+    kernels = [(e.key, e.count, e.self_device_time_total) for e in events if e.device_type == DeviceType.CUDA]
+    ops = [(e.key, e.count, e.self_cpu_time_total) for e in events if e.device_type == DeviceType.CPU]
     header = f"impl={cfg.impl} bsz={cfg.bsz} ctx={cfg.ctx} L{cfg.n_layer}-D{cfg.n_embd} vocab {cfg.vocab}"
-    return header + "\n" + kernel_report(kernels, cfg.profile_steps, wall)
+    return "\n\n".join([header, kernel_report(kernels, cfg.profile_steps, wall), cpu_report(ops, cfg.profile_steps)])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -128,16 +128,19 @@ class _WKV7ClampW(torch.autograd.Function):
         inputs = (r, w, k, v, a, b)
         _check_inputs(inputs)
         load_extension()
+        length = r.shape[1]
         padded = tuple(_pad_time(x) for x in inputs)
         y, s, sa = torch.ops.rwkv_harness_wkv7.forward(*padded)
         ctx.save_for_backward(*padded, s, sa)
-        ctx.length = r.shape[1]
-        return y[:, : ctx.length].contiguous()
+        ctx.length = length
+        return y if y.shape[1] == length else y[:, :length].contiguous()
 
     @staticmethod
     def backward(ctx, dy):
         *padded, s, sa = ctx.saved_tensors
         grads = torch.ops.rwkv_harness_wkv7.backward(*padded, _pad_time(dy.to(torch.bfloat16)), s, sa)
+        if padded[0].shape[1] == ctx.length:
+            return grads
         return tuple(g[:, : ctx.length] for g in grads)
 
 

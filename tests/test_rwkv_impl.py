@@ -77,23 +77,32 @@ def test_bf16_time_mix_matches_fp64_reference(layer_id: int) -> None:
 
 
 @pytest.mark.gpu
-def test_jit_and_eager_give_the_same_forward() -> None:
+@pytest.mark.parametrize("module", ["time_mix", "channel_mix"])
+def test_jit_forward_equals_eager_then_stays_within_bf16_of_fp64(module: str) -> None:
+    """TorchScript's profiling runs are bit-identical to eager. Once its fuser takes over (third call) the fused
+    elementwise chains skip the per-op bf16 rounding, so the output moves at bf16 level: it is then held to the same
+    fp64 tolerance as eager."""
     torch.manual_seed(0)
-    eager_impl, jit_impl = impls.get("rwkv"), impls.get("rwkv_jit")
-    pairs = [(eager_impl.time_mix(1, N_LAYER, C, HEAD), jit_impl.time_mix(1, N_LAYER, C, HEAD)),
-             (eager_impl.channel_mix(1, N_LAYER, C), jit_impl.channel_mix(1, N_LAYER, C))]
+    args = (1, N_LAYER, C, HEAD) if module == "time_mix" else (1, N_LAYER, C)
+    eager = getattr(impls.get("rwkv"), module)(*args)
+    jit = getattr(impls.get("rwkv_jit"), module)(*args)
+    ref = reference.TimeMix(*args) if module == "time_mix" else reference.ChannelMix(*args)
+    state = perturbed_bf16_state(eager, seed=1)
+    for mod, dtype in ((eager, torch.bfloat16), (jit, torch.bfloat16), (ref, torch.float64)):
+        mod.load_state_dict(state)
+        mod.to("cuda", dtype)
     x = torch.randn(2, 128, C, device="cuda").bfloat16().requires_grad_()
     v_first = torch.randn(2, 128, C, device="cuda").bfloat16()
-    for eager, jit in pairs:
-        state = perturbed_bf16_state(eager, seed=1)
-        for module in (eager, jit):
-            module.load_state_dict(state)
-            module.to("cuda", torch.bfloat16)
-        is_time_mix = isinstance(eager, reference.TimeMix)
-        args = (x, v_first) if is_time_mix else (x,)
-        expected = eager(*args)[0] if is_time_mix else eager(*args)
-        for call in range(3):  # the TorchScript profiling executor optimises after its first runs
-            got = jit(*args)[0] if is_time_mix else jit(*args)
-            print(f"{type(eager).__name__} call {call}: bit-identical={torch.equal(got, expected)} "
-                  f"rel={rel(got, expected):.1e}")
-            assert rel(got, expected) <= 5e-3
+
+    def run(mod: torch.nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+        return mod(*inputs)[0] if module == "time_mix" else mod(*inputs)
+
+    inputs = (x, v_first) if module == "time_mix" else (x,)
+    expected = run(eager, *inputs)
+    expected_fp64 = run(ref, *(t.detach().double() for t in inputs))
+    for call in range(4):
+        got = run(jit, *inputs)
+        error = rel(got, expected_fp64)
+        print(f"{module} JIT call {call}: bit-identical to eager={torch.equal(got, expected)}, "
+              f"rel vs fp64={error:.1e} (eager {rel(expected, expected_fp64):.1e})")
+        assert torch.equal(got, expected) if call < 2 else error <= 2e-2
