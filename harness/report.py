@@ -1,0 +1,308 @@
+"""``python -m harness.report``: turn results/ into figures/ and results/summary.md.
+
+Reads every ``results/<experiment>/<run_id>/{run.json,steps.csv}`` into one tidy frame, then per arm
+(experiment, impl, init, bsz, grouping): throughput with warm-up excluded and Tukey 1.5 x IQR filtering (count
+removed reported) beside the aggregate tokens / wall time, and the published loss metric (mean over the last 200
+steps) with a 95% confidence interval across seeds. Figures are written with fixed metadata so the same inputs give
+byte-identical PNGs. The README embeds results/summary.md between ``<!-- summary:start -->`` and ``<!-- summary:end -->``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from harness.errors import HarnessError, exit_on_user_error
+
+ARM_KEYS = ["experiment", "impl", "init", "bsz", "grouping"]
+LAST_STEPS = 200  # the published comparison's metric: mean loss over the last 200 steps
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+# --- loading ---------------------------------------------------------------------------------------------
+
+
+def load_runs(results_dir: Path) -> pd.DataFrame:
+    """All steps of all runs, one row per (run, step), with the run's arm keys and seed as columns."""
+    frames = []
+    for run_json in sorted(results_dir.glob("*/*/run.json")):
+        steps_csv = run_json.parent / "steps.csv"
+        if not steps_csv.exists():
+            continue
+        run = json.loads(run_json.read_text())
+        config = run.get("config", {})
+        steps = pd.read_csv(steps_csv)
+        if steps.empty:
+            continue
+        steps = steps.assign(
+            experiment=run_json.parent.parent.name, run_id=run_json.parent.name,
+            impl=config.get("impl", {}).get("name"), init=config.get("init", {}).get("mode"),
+            bsz=config.get("bsz"), grouping=config.get("optim", {}).get("grouping"), seed=config.get("seed"),
+            gpu=_gpu_of(run), status=run.get("status"),
+        )
+        frames.append(steps)
+    if not frames:
+        raise HarnessError(f"no runs with steps.csv under {results_dir}")
+    return pd.concat(frames, ignore_index=True)
+
+
+def _gpu_of(run: dict) -> str:
+    envs = run.get("environment") or [{}]
+    return envs[-1].get("gpu") or envs[-1].get("cpu") or "unknown"
+
+
+# --- statistics ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IQRFiltered:
+    kept: np.ndarray
+    removed: int
+    low: float
+    high: float
+
+
+def tukey_filter(values: np.ndarray, k: float = 1.5) -> IQRFiltered:
+    """Keep values within [Q1 - k*IQR, Q3 + k*IQR] (quartiles by linear interpolation)."""
+    q1, q3 = np.percentile(values, [25, 75])
+    low, high = q1 - k * (q3 - q1), q3 + k * (q3 - q1)
+    mask = (values >= low) & (values <= high)
+    return IQRFiltered(values[mask], int((~mask).sum()), float(low), float(high))
+
+
+def mean_ci95(values: np.ndarray) -> tuple[float, float | None]:
+    """Mean and half-width of its 95% t-interval (None with a single value)."""
+    n = len(values)
+    mean = float(np.mean(values))
+    if n < 2:
+        return mean, None
+    t = T_975.get(n - 1, 1.96)
+    return mean, float(t * np.std(values, ddof=1) / np.sqrt(n))
+
+
+def throughput_table(steps: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for arm, group in steps.groupby(ARM_KEYS, dropna=False, sort=True):
+        timed = group[group["warmup"] == 0]
+        if timed.empty:
+            continue
+        filtered = tukey_filter(timed["kt_per_s"].to_numpy())
+        tokens_per_step = (group["tokens"] / (group["step"] + 1)).iloc[0]
+        q1, q3 = np.percentile(timed["kt_per_s"], [25, 75])
+        rows.append({
+            **dict(zip(ARM_KEYS, arm)),
+            "runs": group["run_id"].nunique(),
+            "timed_steps": len(timed),
+            "iqr_removed": filtered.removed,
+            "kt_s_filtered_mean": float(filtered.kept.mean()),
+            "kt_s_median": float(timed["kt_per_s"].median()),
+            "kt_s_iqr": float(q3 - q1),
+            "kt_s_aggregate": float(len(timed) * tokens_per_step / timed["step_time_s"].sum() / 1000),
+            "gpu": group["gpu"].iloc[0],
+        })
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        baseline = table.groupby("experiment")["kt_s_aggregate"].transform("max")
+        table["vs_fastest"] = table["kt_s_aggregate"] / baseline
+    return table
+
+
+def loss_table(steps: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for arm, group in steps.groupby(ARM_KEYS, dropna=False, sort=True):
+        per_seed = [run.sort_values("step").tail(LAST_STEPS)["loss"].mean() for _, run in group.groupby("run_id")]
+        mean, half = mean_ci95(np.array(per_seed))
+        rows.append({**dict(zip(ARM_KEYS, arm)), "seeds": len(per_seed), "steps": int(group["step"].max()) + 1,
+                     f"loss_last{LAST_STEPS}": mean, "ci95": half})
+    return pd.DataFrame(rows)
+
+
+# --- figures ---------------------------------------------------------------------------------------------
+
+
+def _arm_label(row: pd.Series) -> str:
+    return f"{row['impl']} / {row['init']} / bsz {row['bsz']}" + ("" if row["grouping"] == "by_role" else " / by_name")
+
+
+def _save(fig, path: Path) -> None:
+    fig.savefig(path, dpi=110, metadata={"Software": None, "Creation Time": None}, bbox_inches="tight")
+
+
+def plot_loss(steps: pd.DataFrame, path: Path, window: int = 25) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for arm, group in steps.groupby(ARM_KEYS, dropna=False, sort=True):
+        label = _arm_label(pd.Series(dict(zip(ARM_KEYS, arm))))
+        curve = group.pivot_table(index="tokens", columns="run_id", values="loss").sort_index()
+        tokens_m = curve.index.to_numpy() / 1e6
+        if curve.shape[1] > 1:
+            mean, std = curve.mean(axis=1), curve.std(axis=1)
+            band = f"mean ± std over {curve.shape[1]} seeds"
+        else:
+            series = curve.iloc[:, 0]
+            mean = series.rolling(window, min_periods=1).mean()
+            std = series.rolling(window, min_periods=1).std().fillna(0)
+            band = f"rolling {window}-step mean ± std, 1 seed"
+        ax.plot(tokens_m, mean, label=f"{label} ({band})", linewidth=1.2)
+        ax.fill_between(tokens_m, mean - std, mean + std, alpha=0.2)
+    ax.set(title="Training loss", xlabel="tokens (millions)", ylabel="cross-entropy loss (nats/token)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_throughput(steps: pd.DataFrame, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    timed = steps[steps["warmup"] == 0].copy()
+    timed["arm"] = timed.apply(_arm_label, axis=1)
+    fig, ax = plt.subplots(figsize=(8, 0.6 + 0.5 * timed["arm"].nunique()))
+    sns.boxplot(data=timed, x="kt_per_s", y="arm", ax=ax, whis=1.5, fliersize=2, order=sorted(timed["arm"].unique()))
+    ax.set(title="Per-step throughput (warm-up excluded; whiskers at 1.5 x IQR)", xlabel="kilo-tokens / s",
+           ylabel="")
+    ax.grid(alpha=0.3, axis="x")
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_loss_gap(steps: pd.DataFrame, path: Path, baseline: str, window: int = 25) -> bool:
+    """Loss minus the baseline impl's loss at equal tokens, same experiment/init/bsz; False if nothing to plot."""
+    import matplotlib.pyplot as plt
+
+    mean_loss = steps.groupby(ARM_KEYS + ["tokens"], dropna=False)["loss"].mean().reset_index()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    plotted = False
+    for (experiment, bsz), group in mean_loss.groupby(["experiment", "bsz"], sort=True):
+        base = group[(group["impl"] == baseline) & (group["init"] == "shared")].set_index("tokens")["loss"]
+        if base.empty:
+            continue
+        for arm, arm_group in group.groupby(ARM_KEYS, dropna=False, sort=True):
+            if arm[1] == baseline and arm[2] == "shared":
+                continue
+            gap = (arm_group.set_index("tokens")["loss"] - base).dropna().rolling(window, min_periods=1).mean()
+            if gap.empty:
+                continue
+            ax.plot(gap.index / 1e6, gap, label=_arm_label(pd.Series(dict(zip(ARM_KEYS, arm)))), linewidth=1.2)
+            plotted = True
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set(title=f"Loss gap vs {baseline} (shared init), rolling {window}-step mean",
+           xlabel="tokens (millions)", ylabel="loss - baseline loss (nats/token)")
+    if plotted:
+        ax.legend(fontsize=7)
+        _save(fig, path)
+    plt.close(fig)
+    return plotted
+
+
+# --- tables ----------------------------------------------------------------------------------------------
+
+
+def _fmt(value: object) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+    return str(value)
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    header = "| " + " | ".join(table.columns) + " |"
+    rule = "|" + "|".join("---" for _ in table.columns) + "|"
+    body = ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def summary_markdown(throughput: pd.DataFrame, losses: pd.DataFrame, steps: pd.DataFrame) -> str:
+    gpus = ", ".join(sorted(steps["gpu"].dropna().unique()))
+    return "\n\n".join([
+        "### Throughput (kilo-tokens/s)",
+        f"Per-step kt/s after the warm-up steps; `iqr_removed` steps fell outside Tukey's 1.5 x IQR fences. "
+        f"`kt_s_aggregate` is total tokens / total synchronized step time over the same window. Hardware: {gpus}.",
+        markdown_table(throughput),
+        f"### Loss (mean over the last {LAST_STEPS} steps)",
+        "`ci95`: half-width of the 95% t-interval across seeds (– with one seed).",
+        markdown_table(losses),
+    ]) + "\n"
+
+
+def embed_in_readme(readme: Path, summary: str) -> None:
+    start, end = "<!-- summary:start -->", "<!-- summary:end -->"
+    text = readme.read_text()
+    if start not in text or end not in text:
+        return
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{summary}{end}{tail}")
+
+
+# --- CLI -------------------------------------------------------------------------------------------------
+
+
+def build_report(results_dir: Path, figures_dir: Path, experiments: list[str] | None = None,
+                 impls: list[str] | None = None, csv: bool = False, baseline: str = "rwkv_jit",
+                 readmes: tuple[Path, ...] = ()) -> list[Path]:
+    """Write figures and tables; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"svg.hashsalt": "harness", "font.family": "DejaVu Sans"})
+    steps = load_runs(results_dir)
+    if experiments:
+        steps = steps[steps["experiment"].isin(experiments)]
+    if impls:
+        steps = steps[steps["impl"].isin(impls)]
+    if steps.empty:
+        raise HarnessError("no runs match the --experiment/--impl filters")
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    throughput, losses = throughput_table(steps), loss_table(steps)
+    written = [figures_dir / "loss.png", figures_dir / "throughput.png"]
+    plot_loss(steps, written[0])
+    plot_throughput(steps, written[1])
+    if plot_loss_gap(steps, figures_dir / "loss_gap.png", baseline):
+        written.append(figures_dir / "loss_gap.png")
+    summary = summary_markdown(throughput, losses, steps)
+    (results_dir / "summary.md").write_text(summary)
+    written.append(results_dir / "summary.md")
+    if csv:
+        throughput.to_csv(results_dir / "summary_throughput.csv", index=False)
+        losses.to_csv(results_dir / "summary_loss.csv", index=False)
+        written += [results_dir / "summary_throughput.csv", results_dir / "summary_loss.csv"]
+    for readme in readmes:
+        if readme.exists():
+            embed_in_readme(readme, summary)
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m harness.report", description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=Path("results"))
+    parser.add_argument("--figures", type=Path, default=Path("figures"))
+    parser.add_argument("--experiment", action="append", help="only this experiment (repeatable)")
+    parser.add_argument("--impl", action="append", help="only this impl (repeatable)")
+    parser.add_argument("--baseline", default="rwkv_jit", help="impl the loss gap is measured against")
+    parser.add_argument("--csv", action="store_true", help="also write the tables as CSV")
+    parser.add_argument("--no-readme", action="store_true", help="do not refresh the README summary blocks")
+    args = parser.parse_args(argv)
+    readmes = () if args.no_readme else (Path("README.md"), Path("README.zh-CN.md"))
+    with exit_on_user_error():
+        if not args.results.is_dir():
+            raise HarnessError(f"results directory {args.results} does not exist")
+        written = build_report(args.results, args.figures, args.experiment, args.impl, args.csv, args.baseline,
+                               readmes)
+    for path in written:
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
