@@ -1,0 +1,84 @@
+"""harness.report on a committed fixture: IQR numbers by hand, end-to-end outputs, byte-identical reruns."""
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harness.report import build_report, load_runs, loss_table, mean_ci95, throughput_table, tukey_filter
+
+FIXTURE = Path(__file__).parent / "fixtures" / "results"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_tukey_filter_matches_hand_computation():
+    # sorted: 40 98 99 100 100 100 100 101 102 150; Q1 = 99 + 0.25*(100-99) = 99.25, Q3 = 100 + 0.75*(101-100)
+    # = 100.75; IQR 1.5 -> fences 97.0 and 103.0 -> 40 and 150 removed; mean of the rest = 800 / 8 = 100.
+    result = tukey_filter(np.array([100, 101, 99, 100, 102, 98, 100, 150, 100, 40], dtype=float))
+    assert (result.low, result.high, result.removed) == (97.0, 103.0, 2)
+    assert result.kept.mean() == 100.0
+
+
+def test_throughput_table_on_fixture():
+    table = throughput_table(load_runs(FIXTURE)).set_index("impl")
+    jit, fla = table.loc["rwkv_jit"], table.loc["fla"]
+    assert (jit["runs"], jit["timed_steps"], fla["timed_steps"]) == (2, 20, 10)
+    # rwkv_jit pools both seeds: ten 100s plus the values above; Q1 = 100, Q3 = 100 -> fences 100..100,
+    # so every value other than 100 (99, 101, 102, 98, 150, 40) is removed: 6 removed, mean 100.
+    assert jit["iqr_removed"] == 6 and jit["kt_s_filtered_mean"] == 100.0
+    # fla: Q1 = Q3 = 80 -> the 81 and the 79 are removed.
+    assert fla["iqr_removed"] == 2 and fla["kt_s_filtered_mean"] == 80.0
+    # aggregate = tokens / time over the timed window: 10 steps x 1000 tokens / sum(1/rate)
+    expected = 10 * 1000 / sum(1 / r for r in [80] * 8 + [81, 79]) / 1000
+    assert fla["kt_s_aggregate"] == pytest.approx(expected)
+    assert jit["vs_fastest"] == 1.0 and fla["vs_fastest"] < 1.0
+
+
+def test_loss_table_ci_across_seeds():
+    table = loss_table(load_runs(FIXTURE)).set_index("impl")
+    # loss = 10 - 0.5*step (+0.01 for seed 1): mean over all 12 steps (fewer than 200) = 7.25 and 7.26.
+    assert table.loc["rwkv_jit", "loss_last200"] == pytest.approx(7.255)
+    mean, half = mean_ci95(np.array([7.25, 7.26]))
+    assert table.loc["rwkv_jit", "ci95"] == pytest.approx(half) and half == pytest.approx(12.706 * 0.01 / 2)
+    assert np.isnan(table.loc["fla", "ci95"]) or table.loc["fla", "ci95"] is None
+
+
+def _digests(paths):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+
+
+def test_report_end_to_end_is_byte_identical(tmp_path):
+    results, figures = tmp_path / "results", tmp_path / "figures"
+    shutil.copytree(FIXTURE, results)
+    first = build_report(results, figures, csv=True)
+    names = {p.name for p in first}
+    assert {"loss.png", "throughput.png", "loss_gap.png", "summary.md", "summary_throughput.csv"} <= names
+    digests = _digests(first)
+    second = build_report(results, figures, csv=True)
+    assert _digests(second) == digests
+    summary = (results / "summary.md").read_text()
+    assert "| fixture-exp | rwkv_jit | shared | 2 | by_role | 2 | 20 | 6 |" in summary
+
+
+def test_report_cli_subset_and_readme_embedding(tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(FIXTURE, results)
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- summary:start -->\nold\n<!-- summary:end -->\noutro\n")
+    proc = subprocess.run([sys.executable, "-m", "harness.report", "--results", str(results), "--figures",
+                           str(tmp_path / "figs"), "--impl", "fla"], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(REPO), "PATH": ""})
+    assert proc.returncode == 0, proc.stderr
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- summary:start -->\n### Throughput") and text.endswith("outro\n")
+    assert "| fla |" in text and "rwkv_jit" not in text
+
+
+def test_report_missing_results_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "harness.report", "--results", str(tmp_path / "none")],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr
