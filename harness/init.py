@@ -42,6 +42,14 @@ def _lora_out_gain(rank: int, out: int, scale: float) -> float:
     return scale * math.sqrt(rank / out) if rank > out else scale
 
 
+def value_residual_init(n_embd: int, rank: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """``v0, v1, v2`` of one layer (value-residual LoRA); layer 0 holds them too but never uses them."""
+    linear = torch.arange(n_embd, dtype=torch.float32) / (n_embd - 1) - 0.5
+    return {"v0": (0.73 - 0.4 * linear).reshape(1, 1, n_embd),
+            "v1": torch.zeros(n_embd, rank),
+            "v2": orthogonal(rank, n_embd, _lora_out_gain(rank, n_embd, 0.1), generator)}
+
+
 def timemix_init(layer_id: int, n_layer: int, n_embd: int, head_size: int,
                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Effective RWKV-LM init of one time-mix layer, canonical names and shapes (fp32)."""
@@ -71,8 +79,7 @@ def timemix_init(layer_id: int, n_layer: int, n_embd: int, head_size: int,
     p["w1"], p["w2"] = lora("w")
     p["a0"] = row(-0.19 + 0.3 * zigzag + 0.4 * linear)
     p["a1"], p["a2"] = lora("a")
-    p["v0"] = row(0.73 - 0.4 * linear)
-    p["v1"], p["v2"] = lora("v")
+    p.update(value_residual_init(C, ranks["v"], generator))
     p["g1"], p["g2"] = lora("g")
     p["k_k"] = row(0.71 - 0.1 * linear)
     p["k_a"] = torch.full((1, 1, C), 1.02)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from impls.base import Implementation, to_canonical, to_native
+from impls.base import Implementation, NameMap, Transform, to_canonical, to_native
 
 
 @dataclass(frozen=True)
@@ -100,19 +100,11 @@ class RWKV(nn.Module):
 
     def canonical_name(self, name: str) -> str:
         """Map a parameter name of this model to its RWKV-LM name."""
-        parts = name.split(".")
-        if len(parts) > 3 and parts[0] == "blocks" and parts[2] == "att":
-            canonical, _ = self.impl.name_map.canonical(".".join(parts[3:]))
-            return ".".join(parts[:3] + [canonical])
-        return name
+        return canonical_key(name, self.impl.name_map)[0]
 
     def native_name(self, canonical: str) -> tuple[str, str]:
         """Map an RWKV-LM name to (this model's name, transform)."""
-        parts = canonical.split(".")
-        if len(parts) > 3 and parts[0] == "blocks" and parts[2] == "att":
-            native, transform = self.impl.name_map.native(".".join(parts[3:]))
-            return ".".join(parts[:3] + [native]), transform
-        return canonical, "same"
+        return native_key(canonical, self.impl.name_map)
 
     def canonical_state_dict(self) -> dict[str, torch.Tensor]:
         """Parameters under RWKV-LM names and layouts (layer-0 v0/v1/v2 only if the impl has them)."""
@@ -138,6 +130,24 @@ class RWKV(nn.Module):
         if missing:
             raise KeyError(f"state dict lacks {len(missing)} tensors, e.g. {missing[0]}")
         self.load_state_dict(converted, strict=True)
+
+
+def canonical_key(name: str, name_map: NameMap) -> tuple[str, Transform]:
+    """A harness model's parameter name -> (RWKV-LM name, transform), for an impl with ``name_map``."""
+    parts = name.split(".")
+    if len(parts) > 3 and parts[0] == "blocks" and parts[2] == "att":
+        canonical, transform = name_map.canonical(".".join(parts[3:]))
+        return ".".join(parts[:3] + [canonical]), transform
+    return name, "same"
+
+
+def native_key(canonical: str, name_map: NameMap) -> tuple[str, Transform]:
+    """An RWKV-LM name -> (the harness model's name, transform), for an impl with ``name_map``."""
+    parts = canonical.split(".")
+    if len(parts) > 3 and parts[0] == "blocks" and parts[2] == "att":
+        native, transform = name_map.native(".".join(parts[3:]))
+        return ".".join(parts[:3] + [native]), transform
+    return canonical, "same"
 
 
 def _is_unused_layer0_value_lora(canonical: str, impl: Implementation) -> bool:
