@@ -5,7 +5,8 @@ torch AdamW (betas 0.9/0.99, eps 1e-18, one parameter group), grad clip 1.0, no 
 tokens; ``warmup`` steps, then ``steps`` timed steps between two ``torch.cuda.synchronize()`` calls;
 kt/s = tokens / wall time / 1000. One run appends one row to ``<out>/step.csv`` and the same row with the whole
 environment to ``<out>/step.jsonl``. With ``--profile`` it instead prints (and saves) the CUDA kernels that take the
-time of a few steps. Any ``impl=`` name of the registry works.
+time of a few steps. Any ``impl=`` name of the registry works. Run from a copy of the tree without ``.git`` (a remote
+GPU box), the rows take the commit from $RWKV_GIT_COMMIT and the dirty flag from $RWKV_GIT_DIRTY.
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ def append_row(row: dict[str, object], env: dict[str, object], out_dir: Path) ->
         if tuple(header) != FIELDS:
             raise SystemExit(f"{path} has other columns than this benchmark writes; move it aside")
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer = csv.DictWriter(f, fieldnames=FIELDS, lineterminator="\n")
         if not exists:
             writer.writeheader()
         writer.writerow({key: row[key] for key in FIELDS})
