@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from impls import reference
+from impls import ImplementationError, reference
 from impls.base import Implementation
 from impls.wkv7_cuda import NVCC_FLAGS, wkv7_clampw
 
@@ -43,7 +43,7 @@ def script(module: nn.Module) -> nn.Module:
     except Exception as exc:  # TorchScript raises many exception types; all mean the same to the user
         lines = str(exc).strip().splitlines()
         detail = lines[0] if lines else type(exc).__name__
-        raise RuntimeError(f"impl=rwkv_jit: TorchScript failed to compile {type(module).__name__} on torch "
+        raise ImplementationError(f"impl=rwkv_jit: TorchScript failed to compile {type(module).__name__} on torch "
                            f"{torch.__version__} ({detail}); use impl=rwkv instead") from None
 
 
