@@ -221,9 +221,38 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join([header, rule, *body])
 
 
-def summary_markdown(throughput: pd.DataFrame, losses: pd.DataFrame, steps: pd.DataFrame) -> str:
+def bench_table(results_dir: Path) -> pd.DataFrame | None:
+    """Latest bare-loop step benchmark per (gpu, impl, bsz), beside the upstream anchor measured the same way."""
+    path = results_dir / "bench" / "step.csv"
+    if not path.exists():
+        return None
+    bench = pd.read_csv(path).sort_values("timestamp").groupby(["gpu", "impl", "bsz"], sort=True).tail(1)
+    table = bench[["gpu", "impl", "bsz", "kt_per_s", "step_ms", "peak_mem_gib", "git_commit"]].copy()
+    table["git_commit"] = table["git_commit"].astype(str).str[:8]
+    anchors_path = results_dir / "anchors" / "h100_upstream.csv"
+    if anchors_path.exists():
+        anchors = pd.read_csv(anchors_path)[["impl", "bsz", "kt_per_s"]].rename(columns={"kt_per_s": "upstream_kt_s"})
+        table = table.merge(anchors, on=["impl", "bsz"], how="left")
+        table["vs_upstream"] = table["kt_per_s"] / table["upstream_kt_s"]
+    return table.sort_values(["gpu", "bsz", "impl"], ascending=[True, False, True]).reset_index(drop=True)
+
+
+def bench_markdown(table: pd.DataFrame | None) -> list[str]:
+    if table is None or table.empty:
+        return []
+    return [
+        "### Bare training step (fwd + bwd + AdamW, L12 D768 ctx 512, bf16, random tokens)",
+        "From results/bench/step.csv (`python -m harness.bench step`); `upstream_kt_s` from "
+        "results/anchors/h100_upstream.csv, measured the same way on the same H100 model.",
+        markdown_table(table),
+    ]
+
+
+def summary_markdown(throughput: pd.DataFrame, losses: pd.DataFrame, steps: pd.DataFrame,
+                     bench: pd.DataFrame | None = None) -> str:
     gpus = ", ".join(sorted(steps["gpu"].dropna().unique()))
     return "\n\n".join([
+        *bench_markdown(bench),
         "### Throughput (kilo-tokens/s)",
         f"Per-step kt/s after the warm-up steps; `iqr_removed` steps fell outside Tukey's 1.5 x IQR fences. "
         f"`kt_s_aggregate` is total tokens / total synchronized step time over the same window. Hardware: {gpus}.",
@@ -271,7 +300,7 @@ def build_report(results_dir: Path, figures_dir: Path, experiments: list[str] | 
     plot_throughput(steps, written[1])
     if plot_loss_gap(steps, figures_dir / "loss_gap.png", baseline):
         written.append(figures_dir / "loss_gap.png")
-    summary = summary_markdown(throughput, losses, steps)
+    summary = summary_markdown(throughput, losses, steps, bench_table(results_dir))
     (results_dir / "summary.md").write_text(summary)
     written.append(results_dir / "summary.md")
     if csv:
