@@ -96,13 +96,14 @@ def plan_run(cfg: DictConfig) -> Plan:
     prefix = resolve_data_prefix(cfg.data.path)
     data = BinIdx(prefix)
     prime = magic_prime(data.num_tokens, model_cfg.ctx_len)
-    world_size = int(cfg.trainer.devices) * int(cfg.trainer.num_nodes) if accelerator == "gpu" else 1
+    world_size = int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)
     run_id = cfg.run_id or f"{impl.name}-{cfg.init.mode}-bsz{cfg.bsz}-seed{cfg.seed}"
     return Plan(
         impl=impl, model_cfg=model_cfg, run_dir=RunDir(Path(cfg.results_dir) / cfg.experiment / run_id),
         data_prefix=prefix, data_tokens=data.num_tokens, magic_prime=prime, micro_bsz=cfg.bsz,
         world_size=world_size, max_steps=int(cfg.trainer.max_steps), accelerator=accelerator,
-        strategy=_strategy(cfg.trainer.strategy, accelerator), precision=_precision(cfg.trainer.precision, accelerator),
+        strategy=_strategy(cfg.trainer.strategy, accelerator, world_size),
+        precision=_precision(cfg.trainer.precision, accelerator),
     )
 
 
@@ -114,10 +115,14 @@ def _accelerator(requested: str) -> str:
     return requested
 
 
-def _strategy(requested: str, accelerator: str) -> str:
+def _strategy(requested: str, accelerator: str, world_size: int) -> str:
+    """DeepSpeed ZeRO-2 on GPUs (as RWKV-LM trains); on CPUs one process, or DDP over gloo for several."""
     if requested != "auto":
         return requested
-    return "deepspeed_stage_2" if accelerator == "gpu" else "auto"
+    if accelerator == "gpu":
+        return "deepspeed_stage_2"
+    # layer 0 owns v0/v1/v2 but never uses them (as in RWKV-LM), so DDP must expect unused parameters
+    return "ddp_find_unused_parameters_true" if world_size > 1 else "auto"
 
 
 def _precision(requested: str, accelerator: str) -> str:
@@ -345,7 +350,7 @@ def prepare_run_dir(cfg: DictConfig, plan: Plan) -> int | None:
 
     Raises HarnessError when the directory holds a different run; returns -1 when the run is already complete."""
     rd = plan.run_dir
-    if cfg.overwrite and rd.path.exists():
+    if cfg.overwrite and rd.path.exists() and _is_launching_rank_zero():
         shutil.rmtree(rd.path)
     stored = rd.read_run_json()
     if stored:
@@ -404,8 +409,8 @@ def _make_trainer(cfg: DictConfig, plan: Plan, schedule: LRSchedule, start_step:
     recorder = StepRecorder(log, plan, lr, int(cfg.trainer.timing_warmup_steps), start_step)
     checkpointer = Checkpointer(plan.run_dir, int(cfg.trainer.ckpt_every))
     trainer = L.Trainer(
-        accelerator=plan.accelerator, devices=cfg.trainer.devices if plan.accelerator == "gpu" else 1,
-        num_nodes=cfg.trainer.num_nodes if plan.accelerator == "gpu" else 1, strategy=plan.strategy,
+        accelerator=plan.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
+        strategy=plan.strategy,
         precision=plan.precision, max_steps=plan.max_steps, max_epochs=-1, gradient_clip_val=cfg.optim.grad_clip,
         logger=False, enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
         use_distributed_sampler=False, callbacks=[lr, recorder, checkpointer], log_every_n_steps=1,
