@@ -114,6 +114,12 @@ def layer_norm_init(prefix: str, n_embd: int) -> dict[str, torch.Tensor]:
     return {f"{prefix}.weight": torch.ones(n_embd), f"{prefix}.bias": torch.zeros(n_embd)}
 
 
+def layer_norms_init(n_layer: int, n_embd: int) -> dict[str, torch.Tensor]:
+    """Every LayerNorm of the model (ln0 on block 0, ln1/ln2 per block, ln_out) at weight 1, bias 0."""
+    names = ["blocks.0.ln0"] + [f"blocks.{i}.{ln}" for i in range(n_layer) for ln in ("ln1", "ln2")] + ["ln_out"]
+    return {k: v for name in names for k, v in layer_norm_init(name, n_embd).items()}
+
+
 def rwkv_lm_state_dict(n_layer: int, n_embd: int, head_size: int, vocab_size: int,
                        seed: int, bf16_round_trip: bool = True) -> dict[str, torch.Tensor]:
     """The full model as RWKV-LM's ``rwkv-init.pth`` would hold it (canonical names, fp32 values).
@@ -123,15 +129,11 @@ def rwkv_lm_state_dict(n_layer: int, n_embd: int, head_size: int, vocab_size: in
     sd: dict[str, torch.Tensor] = {"emb.weight": torch.empty(vocab_size, n_embd).uniform_(-1e-4, 1e-4, generator=g)}
     for layer in range(n_layer):
         prefix = f"blocks.{layer}"
-        if layer == 0:
-            sd.update(layer_norm_init(f"{prefix}.ln0", n_embd))
-        sd.update(layer_norm_init(f"{prefix}.ln1", n_embd))
-        sd.update(layer_norm_init(f"{prefix}.ln2", n_embd))
         for name, value in timemix_init(layer, n_layer, n_embd, head_size, g).items():
             sd[f"{prefix}.att.{name}"] = value
         for name, value in channelmix_init(layer, n_layer, n_embd, g).items():
             sd[f"{prefix}.ffn.{name}"] = value
-    sd.update(layer_norm_init("ln_out", n_embd))
+    sd.update(layer_norms_init(n_layer, n_embd))
     sd["head.weight"] = orthogonal(vocab_size, n_embd, head_gain(vocab_size, n_embd), g)
     if bf16_round_trip:
         sd = {k: v.to(torch.bfloat16).to(torch.float32) for k, v in sd.items()}
@@ -154,15 +156,10 @@ def seed_separate_state_dict(n_layer: int, n_embd: int, vocab_size: int, seed: i
     C = n_embd
     sd: dict[str, torch.Tensor] = {"emb.weight": torch.randn(vocab_size, C, generator=g)}
     for layer in range(n_layer):
-        prefix = f"blocks.{layer}"
-        if layer == 0:
-            sd.update(layer_norm_init(f"{prefix}.ln0", C))
-        sd.update(layer_norm_init(f"{prefix}.ln1", C))
-        sd.update(layer_norm_init(f"{prefix}.ln2", C))
         ffn = channelmix_init(layer, n_layer, C, g)
         ffn["key.weight"] = torch.empty(4 * C, C).uniform_(-0.5 / math.sqrt(C), 0.5 / math.sqrt(C), generator=g)
-        sd.update({f"{prefix}.ffn.{k}": v for k, v in ffn.items()})
-    sd.update(layer_norm_init("ln_out", C))
+        sd.update({f"blocks.{layer}.ffn.{k}": v for k, v in ffn.items()})
+    sd.update(layer_norms_init(n_layer, C))
     bound = 1 / math.sqrt(C)
     sd["head.weight"] = torch.empty(vocab_size, C).uniform_(-bound, bound, generator=g)
     return sd

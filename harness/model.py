@@ -132,22 +132,23 @@ class RWKV(nn.Module):
         self.load_state_dict(converted, strict=True)
 
 
+def _map_time_mix_key(key: str, lookup) -> tuple[str, Transform]:
+    """Apply ``lookup`` to the part after ``blocks.<i>.att.``; other keys are the same in every layout."""
+    parts = key.split(".")
+    if len(parts) > 3 and parts[0] == "blocks" and parts[2] == "att":
+        mapped, transform = lookup(".".join(parts[3:]))
+        return ".".join(parts[:3] + [mapped]), transform
+    return key, "same"
+
+
 def canonical_key(name: str, name_map: NameMap) -> tuple[str, Transform]:
     """A harness model's parameter name -> (RWKV-LM name, transform), for an impl with ``name_map``."""
-    parts = name.split(".")
-    if len(parts) > 3 and parts[0] == "blocks" and parts[2] == "att":
-        canonical, transform = name_map.canonical(".".join(parts[3:]))
-        return ".".join(parts[:3] + [canonical]), transform
-    return name, "same"
+    return _map_time_mix_key(name, name_map.canonical)
 
 
 def native_key(canonical: str, name_map: NameMap) -> tuple[str, Transform]:
     """An RWKV-LM name -> (the harness model's name, transform), for an impl with ``name_map``."""
-    parts = canonical.split(".")
-    if len(parts) > 3 and parts[0] == "blocks" and parts[2] == "att":
-        native, transform = name_map.native(".".join(parts[3:]))
-        return ".".join(parts[:3] + [native]), transform
-    return canonical, "same"
+    return _map_time_mix_key(canonical, name_map.native)
 
 
 def _is_unused_layer0_value_lora(canonical: str, impl: Implementation) -> bool:

@@ -4,7 +4,8 @@ Reads every ``results/<experiment>/<run_id>/{run.json,steps.csv}`` into one tidy
 (experiment, impl, init, bsz, grouping): throughput with warm-up excluded and Tukey 1.5 x IQR filtering (count
 removed reported) beside the aggregate tokens / wall time, and the published loss metric (mean over the last 200
 steps) with a 95% confidence interval across seeds. Figures are written with fixed metadata so the same inputs give
-byte-identical PNGs. The README embeds results/summary.md between ``<!-- summary:start -->`` and ``<!-- summary:end -->``.
+byte-identical PNGs. The README embeds results/summary.md between ``<!-- summary:start -->`` and
+``<!-- summary:end -->``.
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ def _gpu_of(run: dict) -> str:
     return envs[-1].get("gpu") or envs[-1].get("cpu") or "unknown"
 
 
+def _arm(key: tuple) -> dict:
+    return dict(zip(ARM_KEYS, key, strict=True))
+
+
 # --- statistics ------------------------------------------------------------------------------------------
 
 
@@ -96,7 +101,7 @@ def throughput_table(steps: pd.DataFrame) -> pd.DataFrame:
         tokens_per_step = (group["tokens"] / (group["step"] + 1)).iloc[0]
         q1, q3 = np.percentile(timed["kt_per_s"], [25, 75])
         rows.append({
-            **dict(zip(ARM_KEYS, arm)),
+            **_arm(arm),
             "runs": group["run_id"].nunique(),
             "timed_steps": len(timed),
             "iqr_removed": filtered.removed,
@@ -118,7 +123,7 @@ def loss_table(steps: pd.DataFrame) -> pd.DataFrame:
     for arm, group in steps.groupby(ARM_KEYS, dropna=False, sort=True):
         per_seed = [run.sort_values("step").tail(LAST_STEPS)["loss"].mean() for _, run in group.groupby("run_id")]
         mean, half = mean_ci95(np.array(per_seed))
-        rows.append({**dict(zip(ARM_KEYS, arm)), "seeds": len(per_seed), "steps": int(group["step"].max()) + 1,
+        rows.append({**_arm(arm), "seeds": len(per_seed), "steps": int(group["step"].max()) + 1,
                      f"loss_last{LAST_STEPS}": mean, "ci95": half})
     return pd.DataFrame(rows)
 
@@ -139,7 +144,7 @@ def plot_loss(steps: pd.DataFrame, path: Path, window: int = 25) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for arm, group in steps.groupby(ARM_KEYS, dropna=False, sort=True):
-        label = _arm_label(pd.Series(dict(zip(ARM_KEYS, arm))))
+        label = _arm_label(pd.Series(_arm(arm)))
         curve = group.pivot_table(index="tokens", columns="run_id", values="loss").sort_index()
         tokens_m = curve.index.to_numpy() / 1e6
         if curve.shape[1] > 1:
@@ -181,7 +186,7 @@ def plot_loss_gap(steps: pd.DataFrame, path: Path, baseline: str, window: int = 
     mean_loss = steps.groupby(ARM_KEYS + ["tokens"], dropna=False)["loss"].mean().reset_index()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     plotted = False
-    for (experiment, bsz), group in mean_loss.groupby(["experiment", "bsz"], sort=True):
+    for _, group in mean_loss.groupby(["experiment", "bsz"], sort=True):
         base = group[(group["impl"] == baseline) & (group["init"] == "shared")].set_index("tokens")["loss"]
         if base.empty:
             continue
@@ -191,7 +196,7 @@ def plot_loss_gap(steps: pd.DataFrame, path: Path, baseline: str, window: int = 
             gap = (arm_group.set_index("tokens")["loss"] - base).dropna().rolling(window, min_periods=1).mean()
             if gap.empty:
                 continue
-            ax.plot(gap.index / 1e6, gap, label=_arm_label(pd.Series(dict(zip(ARM_KEYS, arm)))), linewidth=1.2)
+            ax.plot(gap.index / 1e6, gap, label=_arm_label(pd.Series(_arm(arm))), linewidth=1.2)
             plotted = True
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set(title=f"Loss gap vs {baseline} (shared init), rolling {window}-step mean",

@@ -10,9 +10,9 @@ import csv
 import json
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 # tokens: cumulative tokens trained at the end of the step (global, all ranks).
 STEP_COLUMNS = ("step", "tokens", "loss", "lr", "step_time_s", "kt_per_s", "warmup")

@@ -369,7 +369,8 @@ def train(cfg: DictConfig) -> RunOutcome:
     rd = plan.run_dir
     if resume_step == -1:
         stored = rd.read_run_json()
-        return RunOutcome("already_complete", rd, stored.get("final_step", plan.max_steps), stored.get("throughput", {}))
+        return RunOutcome("already_complete", rd, stored.get("final_step", plan.max_steps),
+                          stored.get("throughput", {}))
     start_step = resume_step or 0
     rd.path.mkdir(parents=True, exist_ok=True)
     setup_start = time.perf_counter()

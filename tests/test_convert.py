@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fla_support import FLA, needs_fla
 from safetensors.torch import load_file, save_file
 
 import impls
@@ -21,12 +22,6 @@ CFG = ModelConfig(n_layer=L, n_embd=C, head_size=N, vocab_size=V)
 LAYER0_UNUSED_NAMES = {f"blocks.0.att.{n}" for n in LAYER0_UNUSED}
 REPO = Path(__file__).resolve().parents[1]
 
-try:
-    FLA = impls.get("fla")
-except impls.ImplementationError:
-    FLA = None
-needs_fla = pytest.mark.skipif(FLA is None, reason="impl=fla not importable (needs flash-linear-attention 0.6, "
-                                                   "fla-core, triton: pip install -e '.[gpu]')")
 pytestmark = pytest.mark.filterwarnings("ignore:According to Bo")
 
 

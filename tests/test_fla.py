@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from fla_support import FLA, needs_fla
 from torch import nn
 
 import impls
@@ -15,12 +16,6 @@ from harness.init import lora_ranks, rwkv_lm_state_dict, timemix_init
 from harness.model import RWKV, ModelConfig, lm_loss
 from impls.base import LAYER0_UNUSED, to_canonical
 
-try:
-    FLA = impls.get("fla")
-except impls.ImplementationError:
-    FLA = None
-needs_fla = pytest.mark.skipif(FLA is None, reason="impl=fla not importable (needs flash-linear-attention 0.6, "
-                                                   "fla-core, triton: pip install -e '.[gpu]')")
 pytestmark = pytest.mark.filterwarnings("ignore:According to Bo")
 
 # Spec formulas that involve no random draw, compared with FLA's own init.

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from fla_support import FLA, needs_fla
 
 import impls
 from harness.init import apply_init, head_gain, lora_ranks, rwkv_lm_state_dict, timemix_init
@@ -13,12 +14,6 @@ from impls.base import LAYER0_UNUSED
 # The dims of the spec's §11 validation of generate_init_weight.
 L, C, N, V = 4, 512, 64, 1000
 
-try:
-    FLA = impls.get("fla")
-except impls.ImplementationError:
-    FLA = None
-needs_fla = pytest.mark.skipif(FLA is None, reason="impl=fla not importable (needs flash-linear-attention 0.6, "
-                                                   "fla-core, triton: pip install -e '.[gpu]')")
 pytestmark = pytest.mark.filterwarnings("ignore:According to Bo")
 
 
