@@ -12,8 +12,9 @@ Canonical names are RWKV-LM ``RWKV_Tmix_x070`` names relative to ``blocks.<i>.at
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from torch import nn
