@@ -199,7 +199,6 @@ def cpu_report(ops: list[tuple[str, int, float]], steps: int, top: int = 12) -> 
 
 def profile(cfg: StepConfig) -> str:
     """Profile ``cfg.profile_steps`` training steps after the warm-up; returns the kernel report."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
 
     model, optimizer, idx, targets = build(cfg)
@@ -213,11 +212,17 @@ def profile(cfg: StepConfig) -> str:
             train_step(model, optimizer, idx, targets)
         synchronize(cfg.device)
         wall = time.perf_counter() - start
-    events = prof.key_averages()
+    header = f"impl={cfg.impl} bsz={cfg.bsz} ctx={cfg.ctx} L{cfg.n_layer}-D{cfg.n_embd} vocab {cfg.vocab}"
+    return profile_summary(prof.key_averages(), cfg.profile_steps, wall, header)
+
+
+def profile_summary(events, steps: int, wall_s: float, header: str) -> str:
+    """Kernel and host tables from a profiler's ``key_averages()`` over ``steps`` steps."""
+    from torch.autograd import DeviceType
+
     kernels = [(e.key, e.count, e.self_device_time_total) for e in events if e.device_type == DeviceType.CUDA]
     ops = [(e.key, e.count, e.self_cpu_time_total) for e in events if e.device_type == DeviceType.CPU]
-    header = f"impl={cfg.impl} bsz={cfg.bsz} ctx={cfg.ctx} L{cfg.n_layer}-D{cfg.n_embd} vocab {cfg.vocab}"
-    return "\n\n".join([header, kernel_report(kernels, cfg.profile_steps, wall), cpu_report(ops, cfg.profile_steps)])
+    return "\n\n".join([header, kernel_report(kernels, steps, wall_s), cpu_report(ops, steps)])
 
 
 def main(argv: list[str] | None = None) -> None:

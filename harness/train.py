@@ -38,7 +38,7 @@ from impls.base import Implementation
 # Dense bf16 peak per GPU, for MFU (6 x non-embedding parameters per token).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 # Keys that may change between a run and its resumption without changing what is computed.
-RESUME_NEUTRAL_KEYS = ("trainer.ckpt_every", "trainer.num_workers", "overwrite")
+RESUME_NEUTRAL_KEYS = ("trainer.ckpt_every", "trainer.num_workers", "trainer.profile_steps", "overwrite")
 
 
 class NonFiniteLoss(HarnessError):
@@ -265,6 +265,40 @@ class StepRecorder(Callback):
         pl_module.log_dict({"loss": loss, "kt/s": kt_per_s}, prog_bar=True, on_step=True, logger=False)
 
 
+class StepProfiler(Callback):
+    """Profiles ``steps`` steps right after the timing warm-up of the real run (Lightning, DeepSpeed and all) and
+    writes the bench's kernel and host tables to ``profile.txt``, to see what the trainer adds to the bare step."""
+
+    def __init__(self, run_dir: RunDir, start_step: int, steps: int):
+        self.run_dir, self.start_step, self.steps = run_dir, start_step, steps
+        self._profiler: torch.profiler.profile | None = None
+        self._started = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.start_step:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            _sync()
+            self._profiler = torch.profiler.profile(activities=activities)
+            self._profiler.__enter__()
+            self._started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._profiler is None or trainer.global_step < self.start_step + self.steps:
+            return
+        _sync()
+        wall = time.perf_counter() - self._started
+        self._profiler.__exit__(None, None, None)
+        if trainer.is_global_zero:
+            from harness.bench import profile_summary
+
+            header = f"run {self.run_dir.path}: steps {self.start_step}..{self.start_step + self.steps - 1}"
+            (self.run_dir.path / "profile.txt").write_text(
+                profile_summary(self._profiler.key_averages(), self.steps, wall, header) + "\n")
+        self._profiler = None
+
+
 class Checkpointer(Callback):
     """Checkpoints (weights + optimizer + loop state) every ``every`` steps and when Ctrl-C is pressed.
 
@@ -409,12 +443,16 @@ def _make_trainer(cfg: DictConfig, plan: Plan, schedule: LRSchedule, start_step:
     log = StepLog(plan.run_dir.steps_csv, start_step) if is_rank_zero else None
     recorder = StepRecorder(log, plan, lr, int(cfg.trainer.timing_warmup_steps), start_step)
     checkpointer = Checkpointer(plan.run_dir, int(cfg.trainer.ckpt_every))
+    callbacks = [lr, recorder, checkpointer]
+    if int(cfg.trainer.profile_steps) > 0:
+        first_timed = start_step + int(cfg.trainer.timing_warmup_steps)
+        callbacks.append(StepProfiler(plan.run_dir, first_timed, int(cfg.trainer.profile_steps)))
     trainer = L.Trainer(
         accelerator=plan.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
         strategy=plan.strategy,
         precision=plan.precision, max_steps=plan.max_steps, max_epochs=-1, gradient_clip_val=cfg.optim.grad_clip,
         logger=False, enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
-        use_distributed_sampler=False, callbacks=[lr, recorder, checkpointer], log_every_n_steps=1,
+        use_distributed_sampler=False, callbacks=callbacks, log_every_n_steps=1,
     )
     return trainer, recorder, checkpointer, log
 

@@ -134,3 +134,12 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path):
 
     again = run_harness([*SMALL, *steps], resumed)
     assert again.returncode == 0 and "already complete" in again.stdout
+
+
+def test_profile_steps_writes_a_profile_of_the_real_run(tmp_path):
+    results = tmp_path / "results"
+    proc = run_harness([*SMALL, "trainer.max_steps=13", "trainer.profile_steps=2", "trainer.ckpt_every=0"], results)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (profile,) = results.rglob("profile.txt")
+    text = profile.read_text()
+    assert "steps 10..11" in text and "host:" in text and "aten::mm" in text
