@@ -1,0 +1,23 @@
+# Source on the device: `source scripts/device/setup.sh` (needs `carry: [".whl", ".device"]`).
+# Installs the carried wheels, unpacks the corpus (checked against its manifest), sets the environment.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+# DeepSpeed's op builder cannot parse arch names such as "9.0a" in the image's TORCH_CUDA_ARCH_LIST.
+export TORCH_CUDA_ARCH_LIST=9.0
+export RWKV_GIT_COMMIT=${RWKV_GIT_COMMIT:-unknown} RWKV_GIT_DIRTY=${RWKV_GIT_DIRTY:-unknown}
+# Results live outside the synced tree so that they survive between calls while the machine stays warm.
+export STUDY_RESULTS=/root/study-results
+mkdir -p data "$STUDY_RESULTS"
+if [ -f .device/corpus.bin.xz ] && [ ! -f data/corpus.bin ]; then
+  xz -d -T8 -c .device/corpus.bin.xz > data/corpus.bin
+  cp .device/corpus.idx data/
+  python3 - <<'PY'
+import hashlib, json, sys
+manifest = json.load(open(".device/corpus.manifest.json"))
+for name, entry in manifest["outputs"].items():
+    digest = hashlib.sha256(open(f"data/{name}", "rb").read()).hexdigest()
+    if digest != entry["sha256"]:
+        sys.exit(f"data/{name} does not match its manifest")
+print("corpus ok:", manifest["tokens"], "tokens")
+PY
+fi
