@@ -1,5 +1,7 @@
 """Bare training-step benchmark, like nanoGPT's bench.py: ``python -m harness.bench step impl=rwkv bsz=48``.
 
+``python -m harness.bench kernels ...`` times the WKV op alone instead (harness/bench_kernels.py).
+
 Measured as in h100-anchors.md: the full model (default L12-D768, vocab 65536, ctx 512) with bf16 weights, fused
 torch AdamW (betas 0.9/0.99, eps 1e-18, one parameter group), grad clip 1.0, no gradient checkpointing, random
 tokens; ``warmup`` steps, then ``steps`` timed steps between two ``torch.cuda.synchronize()`` calls;
@@ -18,8 +20,10 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,16 +54,31 @@ class StepConfig:
     out: str = "results/bench"
 
 
-def parse_overrides(overrides: list[str]) -> StepConfig:
-    """``key=value`` words -> StepConfig, converted to each field's type."""
-    types = {f.name: f.type for f in dataclasses.fields(StepConfig)}
+# Field type (as written in the dataclass) -> converter of the command-line text; tuples are comma-separated.
+_CONVERTERS: dict[str, Callable[[str], object]] = {
+    "int": int,
+    "float": float,
+    "str": str,
+    "tuple[int, ...]": lambda text: tuple(int(item) for item in text.split(",") if item),
+    "tuple[str, ...]": lambda text: tuple(item for item in text.split(",") if item),
+}
+
+
+def parse_overrides(overrides: list[str], base: Any = None) -> Any:
+    """``key=value`` words -> a copy of ``base`` (a frozen config dataclass, default ``StepConfig()``) with those
+    fields replaced, each converted to its field's type."""
+    base = StepConfig() if base is None else base
+    types = {f.name: f.type for f in dataclasses.fields(base)}
     values: dict[str, object] = {}
     for word in overrides:
         key, sep, value = word.partition("=")
         if not sep or key not in types:
             raise SystemExit(f"bad argument {word!r}; use key=value with key one of: {', '.join(types)}")
-        values[key] = {"int": int, "float": float}.get(types[key], str)(value)
-    return StepConfig(**values)
+        try:
+            values[key] = _CONVERTERS[types[key]](value)
+        except ValueError:
+            raise SystemExit(f"bad value {value!r} for {key} (a {types[key]})") from None
+    return dataclasses.replace(base, **values)
 
 
 def build(cfg: StepConfig) -> tuple[nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor]:
@@ -126,7 +145,8 @@ def with_environment(row: dict[str, object], env: dict[str, object]) -> dict[str
     if commit is None:  # a copy of the tree without .git (a remote GPU box): the caller may name the commit
         commit, dirty = os.environ.get("RWKV_GIT_COMMIT"), os.environ.get("RWKV_GIT_DIRTY")
     return {**row, "timestamp": env["timestamp"], "gpu": env["gpu"], "torch": versions.get("torch"),
-            "triton": versions.get("triton"), "cuda": env["cuda"], "git_commit": commit, "git_dirty": dirty}
+            "triton": versions.get("triton"), "fla": versions.get("fla-core"), "cuda": env["cuda"],
+            "git_commit": commit, "git_dirty": dirty}
 
 
 def append_row(row: dict[str, object], env: dict[str, object], out_dir: Path) -> Path:
@@ -227,11 +247,20 @@ def profile_summary(events, steps: int, wall_s: float, header: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m harness.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["step"])
-    parser.add_argument("overrides", nargs="*", help="key=value, keys: " + ", ".join(
-        f.name for f in dataclasses.fields(StepConfig)))
-    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels instead of timing")
-    args = parser.parse_args(argv)
+    parser.add_argument("command", choices=["step", "kernels"],
+                        help="step: whole training step; kernels: the WKV op alone (harness/bench_kernels.py)")
+    parser.add_argument("overrides", nargs="*", help="key=value; step keys: " + ", ".join(
+        f.name for f in dataclasses.fields(StepConfig)) + "; kernels keys: see harness/bench_kernels.py")
+    parser.add_argument("--profile", action="store_true", help="step: print the top CUDA kernels instead of timing")
+    parser.add_argument("--quick", action="store_true", help="kernels: a tiny grid for smoke tests")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="kernels: redraw the figure and table from an existing CSV")
+    args = parser.parse_intermixed_args(argv)
+    if args.command == "kernels":
+        from harness import bench_kernels
+
+        bench_kernels.main(args.overrides, quick=args.quick, plot_only=args.plot_only)
+        return
     cfg = parse_overrides(args.overrides)
     out_dir = Path(cfg.out)
     if args.profile:

@@ -13,7 +13,8 @@ from torch import nn
 import impls
 from harness.convert import FLA_ATT_NAME_MAP
 from harness.init import lora_ranks, rwkv_lm_state_dict, timemix_init
-from harness.model import RWKV, ModelConfig, lm_loss
+from harness.model import RWKV, ModelConfig
+from harness.parity import capture, per_layer_grad_errors, perturb, rel
 from impls.base import LAYER0_UNUSED, to_canonical
 
 pytestmark = pytest.mark.filterwarnings("ignore:According to Bo")
@@ -106,66 +107,6 @@ def test_missing_fla_or_triton_is_one_line_with_install_hint(monkeypatch):
 # --- GPU: fla (bf16, Triton) against the reference (fp32) on the same weights -----------------------------------
 
 
-def perturbed_shared_init(n_layer: int, n_embd: int, vocab: int, seed: int) -> dict[str, torch.Tensor]:
-    """init=shared plus bf16-representable noise, so that the zero-initialised matrices (output, ffn.value, LoRA
-    first halves) are non-zero and every path carries signal."""
-    state = rwkv_lm_state_dict(n_layer, n_embd, 64, vocab, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    out = {}
-    for name, t in state.items():
-        scale = max(0.1 * t.std().item(), 0.02) if t.numel() > 1 else 0.02
-        out[name] = (t + scale * torch.randn(t.shape, generator=g)).bfloat16().float()
-    return out
-
-
-def run_and_capture(model: RWKV, idx: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-layer time-mix and block outputs, logits, the gradient reaching each time-mix output, and every
-    parameter gradient under its canonical name (all fp32)."""
-    captured: dict[str, torch.Tensor] = {}
-
-    def keep(name: str, retain: bool):
-        def hook(_module, _inputs, output):
-            out = output[0]
-            if retain:
-                out.retain_grad()
-            captured[name] = out
-        return hook
-
-    handles = []
-    for i, block in enumerate(model.blocks):
-        handles.append(block.att.register_forward_hook(keep(f"att_out.{i}", retain=True)))
-        handles.append(block.register_forward_hook(keep(f"block_out.{i}", retain=False)))
-    logits = model(idx)
-    lm_loss(logits.float(), targets).backward()
-    for h in handles:
-        h.remove()
-    result = {"logits": logits.detach().float()}
-    for name, t in captured.items():
-        result[name] = t.detach().float()
-        if name.startswith("att_out"):
-            result["grad_" + name] = t.grad.float()
-    for name, p in model.named_parameters():
-        if p.grad is None:  # the reference's layer-0 v0/v1/v2 take no part
-            continue
-        canonical = model.canonical_name(name)
-        result["grad." + canonical] = to_canonical(p.grad.float(), model.native_name(canonical)[1])
-    return result
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def per_layer_grad_errors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], n_layer: int) -> list[float]:
-    """Relative error of all of a layer's time-mix parameter gradients together, each tensor scaled to unit norm."""
-    errors = []
-    for i in range(n_layer):
-        names = [n for n in got if n.startswith(f"grad.blocks.{i}.att.")]
-        errors.append(rel(torch.cat([got[n].flatten() / want[n].norm() for n in names]),
-                          torch.cat([want[n].flatten() / want[n].norm() for n in names])))
-    return errors
-
-
 @pytest.mark.gpu  # tests/conftest.py skips it without CUDA
 @needs_fla
 @pytest.mark.parametrize("n_layer,fuse_norm", [(2, False), (3, False), (4, False), (2, True)])
@@ -175,7 +116,7 @@ def test_fla_matches_reference_on_gpu(n_layer, fuse_norm):
     3e-2 for activations and the gradients reaching each time-mix output, 0.1 for parameter gradients)."""
     C, V, B, T = 256, 1000, 2, 128
     cfg = ModelConfig(n_layer=n_layer, n_embd=C, head_size=64, vocab_size=V, ctx_len=T)
-    state = perturbed_shared_init(n_layer, C, V, seed=n_layer)
+    state = perturb(rwkv_lm_state_dict(n_layer, C, 64, V, seed=n_layer), seed=n_layer + 1)
     models = {"reference": RWKV(impls.get("reference"), cfg), "reference_bf16": RWKV(impls.get("reference"), cfg),
               "fla": RWKV(impls.get("fla", fuse_norm=fuse_norm), cfg)}
     for name, model in models.items():
@@ -183,7 +124,7 @@ def test_fla_matches_reference_on_gpu(n_layer, fuse_norm):
         models[name] = model.cuda() if name == "reference" else model.cuda().to(torch.bfloat16)
     g = torch.Generator().manual_seed(0)
     idx, targets = (torch.randint(0, V, (B, T), generator=g).cuda() for _ in range(2))
-    runs = {name: run_and_capture(model, idx, targets) for name, model in models.items()}
+    runs = {name: capture(model, idx, targets) for name, model in models.items()}
     want, got, bf16 = runs["reference"], runs["fla"], runs["reference_bf16"]
     errors = {n: (rel(got[n], want[n]), rel(bf16[n], want[n])) for n in got if n in want}
     layer_errors = list(zip(per_layer_grad_errors(got, want, n_layer), per_layer_grad_errors(bf16, want, n_layer),

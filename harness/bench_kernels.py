@@ -1,0 +1,631 @@
+"""WKV-op microbenchmark and accuracy table: ``python -m harness.bench kernels [key=value ...] [--quick]``.
+
+Times the WKV recurrence alone, forward (``fwd``, autograd off) and forward + backward (``fwdbwd``, the six input
+gradients through ``torch.autograd.grad``), for
+
+* ``cuda``: our wkv7 clampw CUDA op (``impls.wkv7_cuda.wkv7_clampw``; raw decay logit in, fp32 state);
+* ``fla_chunk``: FLA ``chunk_rwkv7`` called as FLA's RWKV-7 layer calls it (scale 1, safe_gate, chunk 64,
+  lower_bound -e^-0.5);
+* ``fla_recurrent``: FLA ``fused_recurrent_rwkv7`` (scale 1; forward only, FLA has no backward for it);
+* ``reference``: the pure-PyTorch loop of ``impls.reference`` (fp32 compute), timed only up to T=1024.
+
+Inputs are bf16 (B, T, H, N) tensors with RWKV-7's value ranges (:func:`realistic_wkv_inputs`), built outside the
+timed region. The FLA kernels take the natural-log decay, so they get ``w_log = -e^-0.5 * sigmoid(w_raw)``
+(computed in fp32, rounded to bf16) instead of the raw logit; that conversion is not timed.
+
+Timing: every (shape, kernel, mode) is first called ``WARMUP_CALLS`` times (Triton autotune, CUDA build, caches)
+outside the timed region, then ``triton.testing.do_bench`` reports the median and p20/p80 over at least
+``MIN_SAMPLES`` calls, each after an L2 flush (warm-up 25 ms, rep 100 ms, longer for slow calls). Without CUDA the
+fallback is a ``time.perf_counter`` median over the same budget (no cache flush; ``timer`` column). Peak memory is
+``torch.cuda.max_memory_allocated`` over one more call, inputs included. Shapes that run out of memory, or whose
+call takes more than ``max_call_s``, are recorded with a status instead of crashing, and larger T for the same
+(kernel, mode, B, H) is then skipped. ``budget_s`` > 0 stops measuring after that many seconds (remaining rows:
+status ``skipped (time budget ...)``), so a run under a hard time limit still writes its CSV and figure.
+
+Accuracy: ``||x - ref|| / ||ref||`` of the output and of each gradient (r, w, k, v, a, b; w is always the raw decay
+logit, for FLA through the conversion above) against :func:`fp64_reference`, the reference loop in fp64 on the
+same bf16 inputs, with a seeded bf16 upstream gradient. The fp64 loop is slow and batch rows are independent, so
+accuracy is measured on B = min(B, ``acc_B``) and T = min(T, ``acc_T``) (columns ``acc_B``, ``acc_T``) and shared by
+every row of the same (H, N, acc_B, acc_T). ``fwd`` rows carry the output error only.
+
+Output: ``<out>/<name>.csv`` (one tidy row per kernel, mode and shape, written as it is measured, with the
+environment), ``<out>/<name>.md`` (time and accuracy pivot tables), ``<figures>/<name>.png`` (log-log time vs T per
+(B, H) and mode, and accuracy vs T). ``--plot-only`` redraws the last two from the CSV.
+
+Default grid: T 256..16384 (powers of 2), B {1, 8, 48}, H {12, 32}, N 64: 42 shapes x (cuda fwd/fwdbwd, fla_chunk
+fwd/fwdbwd, fla_recurrent fwd) + the reference up to T=1024. Estimated on an H100: about 0.15-0.3 s per
+measurement at small shapes plus ~16 calls per measurement at the largest (B=48 H=32 T=16384 runs ~0.2-0.3 s a
+call), ~1 min in total for the 210 timed rows, ~1 min for the reference's rows, ~0.5-1 min for the fp64 accuracy
+loops (B=1, every T up to 16384), 20 s for the CUDA build: ~3-4 min with a warm Triton/FLA autotune cache, and
+1-3 min more for the first FLA autotune on a cold one. ``scripts/device/kernels.sh`` runs it with budget_s=420.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from harness.bench import parse_overrides, synchronize, with_environment
+from harness.env import environment
+from harness.errors import HarnessError, exit_on_user_error
+from impls.reference import W_SCALE, wkv7_reference
+
+Op = Callable[..., torch.Tensor]  # op(r, w, k, v, a, b) -> y, all (B, T, H, N)
+
+DTYPE = torch.bfloat16
+MODES = ("fwd", "fwdbwd")
+GRADS = ("r", "w", "k", "v", "a", "b")
+REFERENCE_MAX_T = 1024  # the pure-PyTorch loop launches ~10 ops a step: beyond this it only costs time
+REF_SEGMENT = 256  # the fp64 loop is checkpointed every REF_SEGMENT steps, so its memory does not grow with T
+WARMUP_CALLS = 3
+WARMUP_MS, REP_MS, MIN_SAMPLES = 25.0, 100.0, 5
+QUANTILES = (0.5, 0.2, 0.8)
+
+FIELDS = ("timestamp", "kernel", "mode", "B", "T", "H", "N", "dtype", "device", "median_ms", "p20_ms", "p80_ms",
+          "peak_mem_gib", "tokens_per_s", "status", "acc_B", "acc_T", *(f"rel_err_{x}" for x in ("y", *GRADS)),
+          "acc_status", "timer", "gpu", "torch", "triton", "fla", "cuda", "git_commit", "git_dirty")
+
+
+# --- kernels ------------------------------------------------------------------------------------------------
+
+
+def _cuda_op() -> Op:
+    from impls.wkv7_cuda import wkv7_clampw
+
+    return wkv7_clampw
+
+
+def _fla_ops():
+    try:
+        import fla.ops.rwkv7 as ops
+    except ModuleNotFoundError as exc:
+        raise HarnessError(f"the FLA kernels need the Python module {exc.name!r}; install them with: "
+                           "pip install -e '.[gpu]'") from None
+    return ops
+
+
+def _fla_chunk_op() -> Op:
+    chunk_rwkv7 = _fla_ops().chunk_rwkv7
+
+    def op(r, w, k, v, a, b):
+        return chunk_rwkv7(r, w, k, v, a, b, scale=1.0, safe_gate=True, chunk_size=64, lower_bound=W_SCALE)[0]
+    return op
+
+
+def _fla_recurrent_op() -> Op:
+    fused_recurrent_rwkv7 = _fla_ops().fused_recurrent_rwkv7
+
+    def op(r, w, k, v, a, b):
+        return fused_recurrent_rwkv7(r, w, k, v, a, b, scale=1.0, output_final_state=False)[0]
+    return op
+
+
+def _reference_op() -> Op:
+    def op(r, w, k, v, a, b):
+        return wkv7_reference(r, w, k, v, a, b)[0].to(r.dtype)
+    return op
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    load: Callable[[], Op]
+    description: str
+    log_decay: bool = False  # takes w as the natural-log decay (FLA) rather than RWKV's raw logit
+    backward: bool = True
+    needs_cuda: bool = True
+    max_T: int | None = None
+
+
+KERNELS: dict[str, Kernel] = {k.name: k for k in (
+    Kernel("cuda", _cuda_op, "wkv7_clampw CUDA op (impls/wkv7_cuda.py), sequential, fp32 state"),
+    Kernel("fla_chunk", _fla_chunk_op, "FLA chunk_rwkv7 (chunked DPLR, Triton), chunk 64, safe_gate",
+           log_decay=True),
+    Kernel("fla_recurrent", _fla_recurrent_op, "FLA fused_recurrent_rwkv7 (Triton), forward only",
+           log_decay=True, backward=False),
+    Kernel("reference", _reference_op, "pure-PyTorch loop (impls/reference.py), fp32 compute",
+           needs_cuda=False, max_T=REFERENCE_MAX_T),
+)}
+
+
+def log_decay(w_raw: torch.Tensor) -> torch.Tensor:
+    """RWKV's raw decay logit -> FLA's natural-log decay -e^-0.5 * sigmoid(w), in fp32, back in w's dtype."""
+    return (W_SCALE * torch.sigmoid(w_raw.float())).to(w_raw.dtype)
+
+
+def kernel_inputs(kernel: Kernel, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The shared (r, w_raw, k, v, a, b) as this kernel takes them (differentiable)."""
+    r, w, k, v, a, b = inputs
+    return [r, log_decay(w) if kernel.log_decay else w, k, v, a, b]
+
+
+# --- inputs and the fp64 reference --------------------------------------------------------------------------
+
+
+def realistic_wkv_inputs(B: int, T: int, H: int, N: int, seed: int, device: str = "cpu",
+                         dtype: torch.dtype = DTYPE) -> list[torch.Tensor]:
+    """r, w, k, v, a, b as RWKV-7's time-mix makes them: w a raw decay logit (mostly in (-5, 2)), a = -kk and
+    b = kk * alpha with kk unit-norm per head and alpha in (0, 1); drawn on ``device`` from ``seed``."""
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn() -> torch.Tensor:
+        return torch.randn((B, T, H, N), generator=g, device=device)
+
+    r, k, v = randn(), randn(), randn()
+    w = -1.5 + 1.5 * randn()
+    kk = F.normalize(randn(), dim=-1)
+    alpha = torch.sigmoid(randn())
+    return [x.to(dtype) for x in (r, w, k, v, -kk, kk * alpha)]
+
+
+def upstream_grad(like: torch.Tensor, seed: int) -> torch.Tensor:
+    """A seeded N(0, 1) gradient for the output, in the inputs' dtype."""
+    g = torch.Generator(device=like.device).manual_seed(seed + 1)
+    return torch.randn(like.shape, generator=g, device=like.device).to(like.dtype)
+
+
+def _segmented_reference(r, w, k, v, a, b) -> torch.Tensor:
+    state, ys = None, []
+    for start in range(0, r.shape[1], REF_SEGMENT):
+        part = [x[:, start:start + REF_SEGMENT] for x in (r, w, k, v, a, b)]
+        y, state = checkpoint(wkv7_reference, *part, state, use_reentrant=False)
+        ys.append(y)
+    return torch.cat(ys, dim=1)
+
+
+def fp64_reference(inputs: list[torch.Tensor], dy: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Output and the six input gradients of the reference loop in fp64 on ``inputs`` (checkpointed over time)."""
+    leaves = [x.detach().double().requires_grad_() for x in inputs]
+    y = _segmented_reference(*leaves)
+    grads = torch.autograd.grad(y, leaves, dy.double())
+    return y.detach(), list(grads)
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """||x - ref|| / ||ref|| in fp64."""
+    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def kernel_errors(kernel: Kernel, op: Op, inputs: list[torch.Tensor], dy: torch.Tensor, y_ref: torch.Tensor,
+                  grads_ref: list[torch.Tensor]) -> dict[str, float]:
+    """rel_err_y, and rel_err_<x> of every input gradient when the kernel has a backward."""
+    if not kernel.backward:
+        with torch.no_grad():
+            return {"rel_err_y": rel_err(op(*kernel_inputs(kernel, inputs)), y_ref)}
+    leaves = [x.detach().requires_grad_() for x in inputs]
+    y = op(*kernel_inputs(kernel, leaves))
+    grads = torch.autograd.grad(y, leaves, dy)
+    errors = {"rel_err_y": rel_err(y.detach(), y_ref)}
+    errors |= {f"rel_err_{name}": rel_err(g, ref) for name, g, ref in zip(GRADS, grads, grads_ref, strict=True)}
+    return errors
+
+
+# --- configuration ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelBenchConfig:
+    kernels: tuple[str, ...] = tuple(KERNELS)
+    modes: tuple[str, ...] = MODES
+    T: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192, 16384)
+    B: tuple[int, ...] = (1, 8, 48)
+    H: tuple[int, ...] = (12, 32)
+    N: int = 64
+    acc_B: int = 1
+    acc_T: int = 16384
+    max_call_s: float = 2.0
+    budget_s: float = 0.0
+    seed: int = 0
+    device: str = "cuda"
+    out: str = "results/bench"
+    figures: str = "figures"
+    name: str = "kernels"
+
+
+QUICK = KernelBenchConfig(T=(256, 1024), B=(2,), H=(4,), acc_T=1024, name="kernels_quick")
+
+
+def validate(cfg: KernelBenchConfig) -> list[Kernel]:
+    """The selected kernels; one-line errors for names, modes, shapes and devices that cannot work."""
+    unknown = [k for k in cfg.kernels if k not in KERNELS]
+    if unknown or not cfg.kernels:
+        raise HarnessError(f"unknown kernels {unknown}; choose from: {', '.join(KERNELS)}")
+    if not cfg.modes or set(cfg.modes) - set(MODES):
+        raise HarnessError(f"modes must be a comma-separated subset of {', '.join(MODES)}, got {cfg.modes}")
+    if not (cfg.T and cfg.B and cfg.H) or min(*cfg.T, *cfg.B, *cfg.H, cfg.N, cfg.acc_B, cfg.acc_T) < 1:
+        raise HarnessError("T, B, H, N, acc_B and acc_T must be positive")
+    cuda = cfg.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise HarnessError("no CUDA GPU is visible; device=cpu times the pure-PyTorch kernel only "
+                           "(kernels=reference device=cpu)")
+    kernels = [KERNELS[k] for k in cfg.kernels]
+    on_gpu_only = [k.name for k in kernels if k.needs_cuda and not cuda]
+    if on_gpu_only:
+        raise HarnessError(f"kernels {', '.join(on_gpu_only)} need device=cuda; on device={cfg.device} use "
+                           "kernels=reference")
+    return kernels
+
+
+# --- timing -------------------------------------------------------------------------------------------------
+
+
+def make_call(op: Op, inputs: list[torch.Tensor], mode: str, dy: torch.Tensor) -> Callable[[], object]:
+    """The timed closure: the forward under no_grad, or forward + all input gradients."""
+    if mode == "fwd":
+        def forward() -> object:
+            with torch.no_grad():
+                return op(*inputs)
+        return forward
+    leaves = [x.detach().requires_grad_() for x in inputs]
+
+    def forward_backward() -> object:
+        return torch.autograd.grad(op(*leaves), leaves, dy)
+    return forward_backward
+
+
+def warm_up(call: Callable[[], object], device: str) -> float:
+    """Run ``WARMUP_CALLS`` calls (autotune, builds, caches); milliseconds of the last one."""
+    for _ in range(WARMUP_CALLS):
+        start = time.perf_counter()
+        call()
+        synchronize(device)
+        last_ms = (time.perf_counter() - start) * 1e3
+    return last_ms
+
+
+def perf_counter_quantiles(call: Callable[[], object], warmup_ms: float, rep_ms: float) -> list[float]:
+    """CPU fallback for do_bench: median, p20, p80 in ms of at least MIN_SAMPLES calls lasting >= rep_ms."""
+    deadline = time.perf_counter() + warmup_ms / 1e3
+    while time.perf_counter() < deadline:
+        call()
+    times: list[float] = []
+    while len(times) < MIN_SAMPLES or sum(times) < rep_ms:
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1e3)
+    return [float(np.quantile(times, q)) for q in QUANTILES]
+
+
+def time_call(call: Callable[[], object], device: str, estimate_ms: float) -> tuple[list[float], str]:
+    """(median, p20, p80) ms and the timer's name; warm-up and rep stretched so that slow calls still give at
+    least MIN_SAMPLES samples."""
+    warmup_ms, rep_ms = max(WARMUP_MS, estimate_ms), max(REP_MS, MIN_SAMPLES * estimate_ms)
+    if device.startswith("cuda"):
+        from triton.testing import do_bench
+
+        return list(do_bench(call, warmup=warmup_ms, rep=rep_ms, quantiles=list(QUANTILES))), "triton.do_bench"
+    return perf_counter_quantiles(call, warmup_ms, rep_ms), "perf_counter"
+
+
+def peak_memory_gib(call: Callable[[], object], device: str) -> float | None:
+    """Peak allocated GPU memory over one call (inputs included); None off the GPU."""
+    if not device.startswith("cuda"):
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    call()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def measure(op: Op, inputs: list[torch.Tensor], mode: str, dy: torch.Tensor, cfg: KernelBenchConfig,
+            ) -> dict[str, object]:
+    """Timing columns and status of one (kernel, mode, shape); inputs are already the kernel's own."""
+    call = make_call(op, inputs, mode, dy)
+    estimate_ms = warm_up(call, cfg.device)
+    if estimate_ms > cfg.max_call_s * 1e3:
+        return {"status": f"too_slow (one call {estimate_ms / 1e3:.1f} s > max_call_s={cfg.max_call_s:g})"}
+    (median, p20, p80), timer = time_call(call, cfg.device, estimate_ms)
+    return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "timer": timer, "status": "ok",
+            "peak_mem_gib": peak_memory_gib(call, cfg.device)}
+
+
+def _free_memory(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def _guarded(run: Callable[[], dict[str, object]], device: str, status_key: str) -> dict[str, object]:
+    """Run one measurement; an OOM or any other failure becomes a status instead of ending the grid."""
+    try:
+        return run()
+    except torch.OutOfMemoryError:
+        result: dict[str, object] = {status_key: "oom"}
+    except Exception as exc:  # a kernel that fails on one shape must not cost the rest of the grid
+        message = " ".join(str(exc).split())[:200]
+        result = {status_key: f"error ({type(exc).__name__}: {message})"}
+    _free_memory(device)
+    return result
+
+
+# --- accuracy -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Accuracy:
+    """Errors of every selected kernel against the fp64 loop, computed once per (H, acc_B, acc_T)."""
+
+    cfg: KernelBenchConfig
+    kernels: list[Kernel]
+    ops: dict[str, Op]
+    cache: dict[tuple[int, int, int], dict[str, dict[str, object]]] = field(default_factory=dict)
+
+    def columns(self, kernel: Kernel, mode: str, B: int, T: int, H: int) -> dict[str, object]:
+        key = (H, min(B, self.cfg.acc_B), min(T, self.cfg.acc_T))
+        if kernel.max_T is not None and key[2] > kernel.max_T:
+            return {"acc_status": f"skipped (kernel limit T<={kernel.max_T})"}
+        if key not in self.cache:
+            self.cache[key] = self._measure(*key)
+            _free_memory(self.cfg.device)
+        found = dict(self.cache[key][kernel.name])
+        if mode == "fwd":
+            found = {k: v for k, v in found.items() if k not in {f"rel_err_{x}" for x in GRADS}}
+        return {"acc_B": key[1], "acc_T": key[2], **found}
+
+    def _measure(self, H: int, B: int, T: int) -> dict[str, dict[str, object]]:
+        device, N = self.cfg.device, self.cfg.N
+        allowed = [k for k in self.kernels if k.max_T is None or T <= k.max_T]
+        inputs = realistic_wkv_inputs(B, T, H, N, seed=self.cfg.seed + 1, device=device)
+        dy = upstream_grad(inputs[0], self.cfg.seed + 1)
+        reference = _guarded(lambda: {"ref": fp64_reference(inputs, dy)}, device, "acc_status")
+        if "ref" not in reference:
+            return {k.name: {"acc_status": f"fp64 reference: {reference['acc_status']}"} for k in allowed}
+        y_ref, grads_ref = reference.pop("ref")
+        return {k.name: _guarded(partial(self._errors, k, inputs, dy, y_ref, grads_ref), device, "acc_status")
+                for k in allowed}
+
+    def _errors(self, kernel: Kernel, *args: object) -> dict[str, object]:
+        return {**kernel_errors(kernel, self.ops[kernel.name], *args), "acc_status": "ok"}
+
+
+# --- the grid -----------------------------------------------------------------------------------------------
+
+
+def grid(cfg: KernelBenchConfig, kernels: list[Kernel]) -> Iterator[tuple[int, int, int, list[tuple[Kernel, str]]]]:
+    """(T, B, H, [(kernel, mode), ...]) with T outermost and ascending, so a time budget cuts the longest T."""
+    for T in sorted(cfg.T):
+        for B in cfg.B:
+            for H in cfg.H:
+                yield T, B, H, [(k, m) for k in kernels for m in cfg.modes if m == "fwd" or k.backward]
+
+
+def _skip_reason(kernel: Kernel, mode: str, B: int, T: int, H: int, blocked: dict[tuple, str],
+                 cfg: KernelBenchConfig, elapsed_s: float) -> str | None:
+    if cfg.budget_s and elapsed_s > cfg.budget_s:
+        return f"skipped (time budget budget_s={cfg.budget_s:g} used up)"
+    if kernel.max_T is not None and T > kernel.max_T:
+        return f"skipped (kernel limit T<={kernel.max_T})"
+    return blocked.get((kernel.name, mode, B, H))
+
+
+def _format(row: dict[str, object]) -> dict[str, object]:
+    """CSV cells: floats to 5 significant digits, missing values empty."""
+    out = {}
+    for key in FIELDS:
+        value = row.get(key)
+        if isinstance(value, float):
+            value = None if math.isnan(value) else float(f"{value:.5g}")
+        out[key] = value
+    return out
+
+
+def _progress(row: dict[str, object], elapsed_s: float) -> str:
+    timing = f"{row['median_ms']:10.4f} ms" if row.get("median_ms") is not None else f"{'-':>13}"
+    errors = " ".join(f"{k[8:]}={row[k]:.1e}" for k in FIELDS if k.startswith("rel_err_") and row.get(k) is not None)
+    return (f"[{elapsed_s:6.0f}s] {row['kernel']:<13} {row['mode']:<6} B={row['B']:<3} T={row['T']:<6} "
+            f"H={row['H']:<3} {timing}  {row['status']}  {errors}")
+
+
+@dataclass
+class ShapeInputs:
+    """The shared inputs of one (B, T, H) shape, drawn on first use (never for a shape whose rows are all skipped)."""
+
+    B: int
+    T: int
+    H: int
+    cfg: KernelBenchConfig
+    tensors: tuple[list[torch.Tensor], torch.Tensor] | None = None
+
+    def get(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        if self.tensors is None:
+            inputs = realistic_wkv_inputs(self.B, self.T, self.H, self.cfg.N, seed=self.cfg.seed,
+                                          device=self.cfg.device)
+            self.tensors = inputs, upstream_grad(inputs[0], self.cfg.seed)
+        return self.tensors
+
+
+def time_case(kernel: Kernel, op: Op, mode: str, shape: ShapeInputs, blocked: dict[tuple, str],
+              elapsed_s: float) -> dict[str, object]:
+    """Timing columns of one row, or its skip status; a failure blocks larger T of the same (kernel, mode, B, H)."""
+    cfg = shape.cfg
+    reason = _skip_reason(kernel, mode, shape.B, shape.T, shape.H, blocked, cfg, elapsed_s)
+    if reason is not None:
+        return {"status": reason}
+    inputs, dy = shape.get()
+    result = _guarded(partial(measure, op, kernel_inputs(kernel, inputs), mode, dy, cfg), cfg.device, "status")
+    if result["status"] != "ok":
+        blocked[(kernel.name, mode, shape.B, shape.H)] = f"skipped ({str(result['status']).split()[0]} at T={shape.T})"
+    elif result.get("median_ms"):
+        result["tokens_per_s"] = shape.B * shape.T / (float(result["median_ms"]) / 1e3)
+    return result
+
+
+def run_grid(cfg: KernelBenchConfig, csv_path: Path) -> pd.DataFrame:
+    """Measure the grid, writing each row to ``csv_path`` as soon as it is measured; returns all rows."""
+    kernels = validate(cfg)
+    ops = {k.name: k.load() for k in kernels}
+    accuracy = Accuracy(cfg, kernels, ops)
+    fixed = {"N": cfg.N, "dtype": str(DTYPE).removeprefix("torch."), "device": cfg.device,
+             **with_environment({}, environment())}
+    blocked: dict[tuple, str] = {}
+    rows: list[dict[str, object]] = []
+    start = time.perf_counter()
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS, lineterminator="\n")
+        writer.writeheader()
+        for T, B, H, cases in grid(cfg, kernels):
+            shape = ShapeInputs(B, T, H, cfg)
+            for kernel, mode in cases:
+                row = {**fixed, "kernel": kernel.name, "mode": mode, "B": B, "T": T, "H": H}
+                row |= time_case(kernel, ops[kernel.name], mode, shape, blocked, time.perf_counter() - start)
+                if not str(row["status"]).startswith("skipped (time budget"):
+                    row |= accuracy.columns(kernel, mode, B, T, H)
+                rows.append(_format(row))
+                writer.writerow(rows[-1])
+                handle.flush()
+                print(_progress(rows[-1], time.perf_counter() - start), flush=True)
+            del shape
+            _free_memory(cfg.device)
+    return pd.DataFrame(rows, columns=list(FIELDS))
+
+
+# --- figure and tables --------------------------------------------------------------------------------------
+
+
+def worst_grad_error(frame: pd.DataFrame) -> pd.Series:
+    return frame[[f"rel_err_{x}" for x in GRADS]].max(axis=1, skipna=True)
+
+
+def _plot_times(ax, rows: pd.DataFrame, colors: dict) -> None:
+    for kernel, group in rows.groupby("kernel"):
+        group = group.sort_values("T")
+        ax.plot(group["T"], group["median_ms"], "o-", ms=3, color=colors.get(kernel), label=kernel)
+        ax.fill_between(group["T"], group["p20_ms"], group["p80_ms"], color=colors.get(kernel), alpha=0.2)
+
+
+def _plot_errors(ax, rows: pd.DataFrame, colors: dict) -> None:
+    for kernel, group in rows.groupby("kernel"):
+        output = group.groupby("T")["rel_err_y"].first().dropna()
+        grads = group.assign(worst=worst_grad_error(group)).groupby("T")["worst"].max().dropna()
+        for series, style, what in ((output, "o-", "y"), (grads, "s--", "worst grad")):
+            if len(series):
+                ax.plot(series.index, series, style, ms=3, color=colors.get(kernel), label=f"{kernel} {what}")
+
+
+def plot_kernels(frame: pd.DataFrame, path: Path) -> None:
+    """Log-log time vs T, one column per (B, H) and one row per mode, and a last row of relative errors vs T
+    (output solid, worst gradient dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from harness.report import _save
+
+    panels = sorted(frame[["B", "H"]].drop_duplicates().itertuples(index=False, name=None))
+    modes = [m for m in MODES if m in set(frame["mode"])]
+    colors = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(KERNELS)}
+    fig, axes = plt.subplots(len(modes) + 1, len(panels), figsize=(3.4 * len(panels), 2.8 * (len(modes) + 1)),
+                             squeeze=False, sharex=True)
+    for col, (B, H) in enumerate(panels):
+        shape = frame[(frame["B"] == B) & (frame["H"] == H)]
+        for row, mode in enumerate(modes):
+            _plot_times(axes[row][col], shape[(shape["mode"] == mode) & (shape["status"] == "ok")], colors)
+            axes[row][col].set_title(f"{'fwd' if mode == 'fwd' else 'fwd+bwd'}, B={B} H={H}", fontsize=9)
+            axes[row][col].set_ylabel("ms (median, p20-p80)" if col == 0 else "")
+        _plot_errors(axes[-1][col], shape, colors)
+        axes[-1][col].set_title(f"rel. error vs fp64, H={H}", fontsize=9)
+        axes[-1][col].set_ylabel("||x-ref|| / ||ref||" if col == 0 else "")
+        axes[-1][col].set_xlabel("T (sequence length)")
+    lengths = sorted(frame["T"].unique())
+    for ax in axes.flat:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(t) for t in lengths], fontsize=7, rotation=45)
+        ax.minorticks_off()
+        if ax.has_data():
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    for ax, size in ((axes[0][-1], 7), (axes[-1][-1], 6)):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=size)
+    first = frame.iloc[0]
+    fig.suptitle(f"WKV op, {first['dtype']} inputs, N={first['N']}: time vs T and accuracy ({_device_label(first)}, "
+                 f"torch {first['torch']}, triton {first['triton']}, fla {first['fla']})", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def _device_label(row: pd.Series) -> str:
+    return row["gpu"] if isinstance(row["gpu"], str) and row["gpu"] else str(row["device"])
+
+
+def _t_label(column: object) -> str:
+    return f"T={column}" if isinstance(column, (int, np.integer)) else str(column)
+
+
+def _cell_time(row: pd.Series) -> str:
+    return f"{row['median_ms']:.3g}" if row["status"] == "ok" else str(row["status"]).split()[0]
+
+
+def _cell_accuracy(row: pd.Series) -> str:
+    if pd.isna(row["rel_err_y"]):
+        return "–"
+    return f"{row['rel_err_y']:.1e}" + ("" if pd.isna(row["worst_grad"]) else f" / {row['worst_grad']:.1e}")
+
+
+def markdown_tables(frame: pd.DataFrame) -> str:
+    """Median ms per (mode, B, H, kernel) x T, and relative errors (output / worst gradient) per (H, kernel) x T."""
+    from harness.report import markdown_table
+
+    times = frame.assign(cell=frame.apply(_cell_time, axis=1)).pivot_table(
+        index=["mode", "B", "H", "kernel"], columns="T", values="cell", aggfunc="first").reset_index()
+    acc_rows = frame.sort_values("mode", ascending=False).drop_duplicates(["H", "kernel", "T"])
+    acc_rows = acc_rows.assign(worst_grad=worst_grad_error(acc_rows))
+    accuracy = acc_rows.assign(cell=acc_rows.apply(_cell_accuracy, axis=1)).pivot_table(
+        index=["H", "kernel"], columns="T", values="cell", aggfunc="first").reset_index()
+    measured = acc_rows.dropna(subset=["acc_B", "acc_T"])
+    first = frame.iloc[0]
+    return "\n\n".join([
+        "# WKV op: time and accuracy",
+        f"{first['dtype']} inputs, N={first['N']}, {_device_label(first)}, torch {first['torch']}, "
+        f"triton {first['triton']}, fla {first['fla']}, commit {str(first['git_commit'])[:8]}.",
+        "## Median time (ms; a word where the row was not timed: oom, too_slow, skipped, error)",
+        markdown_table(times.rename(columns=_t_label)),
+        "## Relative error vs the fp64 loop (output / worst of the six input gradients)",
+        f"Measured at B={', '.join(str(int(b)) for b in sorted(measured['acc_B'].unique()))} and T capped at "
+        f"{int(measured['acc_T'].max()) if len(measured) else '–'} (the fp64 loop is slow; columns acc_B, acc_T "
+        "of the CSV give each row's shape).",
+        markdown_table(accuracy.rename(columns=_t_label)),
+    ]) + "\n"
+
+
+def read_csv(path: Path) -> pd.DataFrame:
+    if not path.exists():
+        raise HarnessError(f"{path} does not exist; run python -m harness.bench kernels first")
+    frame = pd.read_csv(path, dtype={"status": str, "acc_status": str, "gpu": str})
+    if tuple(frame.columns) != FIELDS:
+        raise HarnessError(f"{path} has other columns than this benchmark writes")
+    if frame.empty:
+        raise HarnessError(f"{path} has no rows")
+    return frame
+
+
+def main(overrides: list[str], quick: bool = False, plot_only: bool = False) -> None:
+    """The ``kernels`` subcommand of ``python -m harness.bench``."""
+    cfg = parse_overrides(overrides, QUICK if quick else KernelBenchConfig())
+    csv_path = Path(cfg.out) / f"{cfg.name}.csv"
+    with exit_on_user_error():
+        if not plot_only:
+            run_grid(cfg, csv_path)
+        frame = read_csv(csv_path)
+        figure, table = Path(cfg.figures) / f"{cfg.name}.png", Path(cfg.out) / f"{cfg.name}.md"
+        plot_kernels(frame, figure)
+        table.write_text(markdown_tables(frame))
+    for path in ([] if plot_only else [csv_path]) + [table, figure]:
+        print(f"wrote {path}")
