@@ -37,7 +37,7 @@ fwd/fwdbwd, fla_recurrent fwd) + the reference up to T=1024. Estimated on an H10
 measurement at small shapes plus ~16 calls per measurement at the largest (B=48 H=32 T=16384 runs ~0.2-0.3 s a
 call), ~1 min in total for the 210 timed rows, ~1 min for the reference's rows, ~0.5-1 min for the fp64 accuracy
 loops (B=1, every T up to 16384), 20 s for the CUDA build: ~3-4 min with a warm Triton/FLA autotune cache, and
-1-3 min more for the first FLA autotune on a cold one. ``scripts/device/kernels.sh`` runs it with budget_s=420.
+1-3 min more for the first FLA autotune on a cold one. ``scripts/device/kernels.sh`` runs it with budget_s=400.
 """
 
 from __future__ import annotations
@@ -163,11 +163,11 @@ def realistic_wkv_inputs(B: int, T: int, H: int, N: int, seed: int, device: str 
     def randn() -> torch.Tensor:
         return torch.randn((B, T, H, N), generator=g, device=device)
 
-    r, k, v = randn(), randn(), randn()
-    w = -1.5 + 1.5 * randn()
+    r, k, v = (randn().to(dtype) for _ in range(3))  # cast one by one: fp32 copies of all six would be 2x bigger
+    w = (-1.5 + 1.5 * randn()).to(dtype)
     kk = F.normalize(randn(), dim=-1)
     alpha = torch.sigmoid(randn())
-    return [x.to(dtype) for x in (r, w, k, v, -kk, kk * alpha)]
+    return [r, w, k, v, (-kk).to(dtype), (kk * alpha).to(dtype)]
 
 
 def upstream_grad(like: torch.Tensor, seed: int) -> torch.Tensor:

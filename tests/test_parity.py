@@ -96,6 +96,8 @@ def test_fla_and_rwkv_jit_agree_with_the_oracle_on_gpu(tmp_path: Path) -> None:
     print(parity.markdown(parity.with_context(table, cfg, arms, "cuda"), arms).split("\n## Parameter")[0])
     layers = table[table["quantity"].isin(parity.LAYER_QUANTITIES)]
     assert set(layers["layer"]) == {0, 1}
-    assert (layers["rel_err"] < 0.1).all(), layers.nlargest(5, "rel_err")
+    # results/parity/fla_vs_reference_h100.log: up to ~6e-2 against an fp32 oracle (layer-0 parameter gradients)
+    bounds = layers["pair"].map({"a_vs_ref": 0.1, "b_vs_ref": 0.1, "a_vs_b": 0.2})
+    assert (layers["rel_err"] < bounds).all(), layers[layers["rel_err"] >= bounds]
     params = table[table["quantity"] == "param_grad"]
     assert set(params[params["pair"] == "a_vs_b"]["tensor"]) >= {"blocks.1.att.w0", "blocks.0.att.key.weight"}

@@ -29,7 +29,7 @@ parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(grid parity tests)
                 || python3 -m harness.bench kernels --plot-only out="$OUT" figures="$OUT" ;;  # partial CSV
       parity) timeout "$(within 10)" python3 -m harness.parity impl_a=fla impl_b=rwkv_jit out="$OUT" ;;
       tests)  timeout "$(within 5)" python3 -m pytest -q -s -m gpu -p no:cacheprovider \
-                tests/test_bench_kernels.py tests/test_parity.py ;;
+                tests/test_bench_kernels.py tests/test_parity.py tests/test_fla.py ;;
       *)      echo "unknown part '$part' (grid, parity, tests)" ;;
     esac
     echo "=== $part exit $? after $(( $(date +%s) - start )) s"
