@@ -247,19 +247,25 @@ def profile_summary(events, steps: int, wall_s: float, header: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m harness.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["step", "kernels"],
-                        help="step: whole training step; kernels: the WKV op alone (harness/bench_kernels.py)")
+    parser.add_argument("command", choices=["step", "kernels", "inference"],
+                        help="step: whole training step; kernels: the WKV op alone (harness/bench_kernels.py); "
+                             "inference: decoding vs context length (harness/inference.py)")
     parser.add_argument("overrides", nargs="*", help="key=value; step keys: " + ", ".join(
         f.name for f in dataclasses.fields(StepConfig)) + "; kernels keys: see harness/bench_kernels.py")
     parser.add_argument("--profile", action="store_true", help="step: print the top CUDA kernels instead of timing")
     parser.add_argument("--quick", action="store_true", help="kernels: a tiny grid for smoke tests")
     parser.add_argument("--plot-only", action="store_true",
-                        help="kernels: redraw the figure and table from an existing CSV")
+                        help="kernels, inference: redraw the figures (and table) from an existing CSV")
     args = parser.parse_intermixed_args(argv)
     if args.command == "kernels":
         from harness import bench_kernels
 
         bench_kernels.main(args.overrides, quick=args.quick, plot_only=args.plot_only)
+        return
+    if args.command == "inference":  # decoding latency and memory vs context (harness/inference.py)
+        from harness import inference
+
+        inference.main(args.overrides, plot_only=args.plot_only)
         return
     cfg = parse_overrides(args.overrides)
     out_dir = Path(cfg.out)

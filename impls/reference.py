@@ -74,9 +74,22 @@ class TimeMix(nn.Module):
         return y.to(r.dtype).view(B, T, C)
 
     def forward(self, x: torch.Tensor, v_first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r, w, k, v, kk, a, g, v_first = self.project(x, self.time_shift(x), v_first)
+        y = self.wkv(r, w, k, v, -kk, kk * a)
+        return self.readout(y, r, k, v, g), v_first
+
+    def project(self, x: torch.Tensor, x_prev: torch.Tensor, v_first: torch.Tensor) -> tuple[
+            torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+            torch.Tensor]:
+        """Everything before the WKV, for inputs ``x`` (B, T, C) whose previous tokens are ``x_prev`` (the token
+        shift: zeros then x[:, :-1] in training, the carried last token in decoding).
+
+        Returns ``(r, w, k, v, kk, a, g, v_first)``, all (B, T, C): ``w`` the raw decay logit, ``k`` the written
+        key, ``v`` after the value residual, ``kk`` the normalised removal key and ``a`` the in-context rate
+        (the WKV takes ``-kk`` and ``kk * a``)."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        xx = self.time_shift(x) - x
+        xx = x_prev - x
         xr = x + xx * self.x_r
         xw = x + xx * self.x_w
         xk = x + xx * self.x_k
@@ -98,12 +111,17 @@ class TimeMix(nn.Module):
         kk = k * self.k_k
         kk = F.normalize(kk.view(B, T, H, N), dim=-1, p=2.0).view(B, T, C)
         k = k * (1 + (a - 1) * self.k_a)
+        return r, w, k, v, kk, a, g, v_first
 
-        y = self.wkv(r, w, k, v, -kk, kk * a)
+    def readout(self, y: torch.Tensor, r: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                g: torch.Tensor) -> torch.Tensor:
+        """Everything after the WKV output ``y`` (B, T, C): GroupNorm, the r·k bonus, the gate, the output."""
+        B, T, C = y.shape
+        H, N = self.n_head, self.head_size
         y = self.ln_x(y.view(B * T, C)).view(B, T, C)
         bonus = (r.view(B, T, H, N) * k.view(B, T, H, N) * self.r_k).sum(dim=-1, keepdim=True)
         y = y + (bonus * v.view(B, T, H, N)).view(B, T, C)
-        return self.output(y * g), v_first
+        return self.output(y * g)
 
 
 class ChannelMix(nn.Module):
@@ -121,7 +139,11 @@ class ChannelMix(nn.Module):
             self.value.weight.copy_(init["value.weight"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xx = self.time_shift(x) - x
+        return self.mix(x, self.time_shift(x))
+
+    def mix(self, x: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
+        """The channel-mix of ``x`` (B, T, C) whose previous tokens are ``x_prev`` (see ``TimeMix.project``)."""
+        xx = x_prev - x
         k = x + xx * self.x_k
         k = torch.relu(self.key(k)) ** 2
         return self.value(k)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# On the device (run tool, kind nvidia-h100-x1, carry [".whl"]): the decoding benchmark (issue 8) and its GPU tests
+# in one call that ends inside TOTAL_S (default 480 s, installs included):
+#   RWKV_GIT_COMMIT=<sha> RWKV_GIT_DIRTY=0 bash scripts/device/inference.sh [bench] [tests]   (default: both)
+# Grid: L12-D768, vocab 65536, bf16; RWKV-7 with impl rwkv (CUDA-kernel prefill, reference single-step decode) and
+# fla (chunk prefill, fused recurrent decode), the parameter-matched Transformer (SDPA, KV cache) and LSTM; batch 1
+# and 16; L = 128 ... 32768, ascending. It starts no new measurement after BENCH_BUDGET_S, so the longest L go first.
+# Back under $OUT: inference.csv, inference_{latency,memory,prefill}.png, inference.log.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+start=$(date +%s)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site || exit 1
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0
+export RWKV_GIT_COMMIT=${RWKV_GIT_COMMIT:-unknown} RWKV_GIT_DIRTY=${RWKV_GIT_DIRTY:-unknown}
+OUT=${OUT:-results/bench/device-inference}
+mkdir -p "$OUT"
+TOTAL_S=${TOTAL_S:-480}; BENCH_BUDGET_S=${BENCH_BUDGET_S:-300}; TESTS_S=${TESTS_S:-120}
+left() { echo $(( TOTAL_S - ($(date +%s) - start) )); }
+within() { local s=$(( $(left) - $1 )); echo $(( s > 1 ? s : 1 )); }  # a timeout that leaves $1 s
+parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(bench tests)
+
+{
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,memory.used --format=csv
+  python3 -c "import torch as t, triton; print(t.__version__, t.version.cuda, t.backends.cudnn.version(), triton.__version__)"
+  for part in "${parts[@]}"; do
+    echo "=== $part ($(left) s left)"
+    case "$part" in
+      bench) timeout "$(within "$TESTS_S")" python3 -m harness.bench inference time_budget_s="$BENCH_BUDGET_S" \
+               out="$OUT" figures="$OUT" \
+               || python3 -m harness.bench inference --plot-only out="$OUT" figures="$OUT" ;;  # partial CSV
+      tests) timeout "$(within 5)" python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_inference.py ;;
+      *)     echo "unknown part '$part' (bench, tests)" ;;
+    esac
+    echo "=== $part exit $? after $(( $(date +%s) - start )) s"
+  done
+} 2>&1 | grep --line-buffered -v "According to Bo" | tee "$OUT/inference.log"
+ls -la "$OUT"
