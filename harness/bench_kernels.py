@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import csv
 import gc
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -60,6 +59,7 @@ from torch.utils.checkpoint import checkpoint
 from harness.bench import parse_overrides, synchronize, with_environment
 from harness.env import environment
 from harness.errors import HarnessError, exit_on_user_error
+from harness.results import csv_cells, read_bench_csv
 from impls.reference import W_SCALE, wkv7_reference
 
 Op = Callable[..., torch.Tensor]  # op(r, w, k, v, a, b) -> y, all (B, T, H, N)
@@ -411,17 +411,6 @@ def _skip_reason(kernel: Kernel, mode: str, B: int, T: int, H: int, blocked: dic
     return blocked.get((kernel.name, mode, B, H))
 
 
-def _format(row: dict[str, object]) -> dict[str, object]:
-    """CSV cells: floats to 5 significant digits, missing values empty."""
-    out = {}
-    for key in FIELDS:
-        value = row.get(key)
-        if isinstance(value, float):
-            value = None if math.isnan(value) else float(f"{value:.5g}")
-        out[key] = value
-    return out
-
-
 def _progress(row: dict[str, object], elapsed_s: float) -> str:
     timing = f"{row['median_ms']:10.4f} ms" if row.get("median_ms") is not None else f"{'-':>13}"
     errors = " ".join(f"{k[8:]}={row[k]:.1e}" for k in FIELDS if k.startswith("rel_err_") and row.get(k) is not None)
@@ -484,7 +473,7 @@ def run_grid(cfg: KernelBenchConfig, csv_path: Path) -> pd.DataFrame:
                 row |= time_case(kernel, ops[kernel.name], mode, shape, blocked, time.perf_counter() - start)
                 if not str(row["status"]).startswith("skipped (time budget"):
                     row |= accuracy.columns(kernel, mode, B, T, H)
-                rows.append(_format(row))
+                rows.append(csv_cells(row, FIELDS))
                 writer.writerow(rows[-1])
                 handle.flush()
                 print(_progress(rows[-1], time.perf_counter() - start), flush=True)
@@ -606,14 +595,7 @@ def markdown_tables(frame: pd.DataFrame) -> str:
 
 
 def read_csv(path: Path) -> pd.DataFrame:
-    if not path.exists():
-        raise HarnessError(f"{path} does not exist; run python -m harness.bench kernels first")
-    frame = pd.read_csv(path, dtype={"status": str, "acc_status": str, "gpu": str})
-    if tuple(frame.columns) != FIELDS:
-        raise HarnessError(f"{path} has other columns than this benchmark writes")
-    if frame.empty:
-        raise HarnessError(f"{path} has no rows")
-    return frame
+    return read_bench_csv(path, FIELDS, "kernels", {"status": str, "acc_status": str, "gpu": str})
 
 
 def main(overrides: list[str], quick: bool = False, plot_only: bool = False) -> None:

@@ -49,7 +49,6 @@ import csv
 import dataclasses
 import functools
 import gc
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,6 +66,7 @@ from harness.bench import parse_overrides, synchronize, with_environment
 from harness.env import environment
 from harness.errors import HarnessError, exit_on_user_error
 from harness.model import RWKV, ModelConfig, count_parameters
+from harness.results import csv_cells, read_bench_csv
 from impls.reference import W_SCALE, wkv7_reference
 from impls.wkv7_cuda import CHUNK_LEN, load_extension
 
@@ -683,17 +683,6 @@ def _guarded(decoder: Decoder, batch: int, length: int, cfg: InferenceConfig) ->
     return result
 
 
-def _format(row: dict[str, object]) -> dict[str, object]:
-    """CSV cells: floats to 5 significant digits, missing values empty."""
-    out = {}
-    for key in FIELDS:
-        value = row.get(key)
-        if isinstance(value, float):
-            value = None if math.isnan(value) else float(f"{value:.5g}")
-        out[key] = value
-    return out
-
-
 def _progress(row: dict[str, object], elapsed_s: float) -> str:
     head = f"[{elapsed_s:6.0f}s] {row['model']:<11} {row['impl']:<9} B={row['batch']:<3} L={row['L']:<6}"
     if row["status"] != "ok":
@@ -749,7 +738,7 @@ def run_grid(cfg: InferenceConfig, csv_path: Path) -> pd.DataFrame:
                         row |= _guarded(decoder, batch, length, cfg)
                         if row["status"] != "ok":
                             blocked[key] = f"skipped ({str(row['status']).split()[0]} at L={length})"
-                    rows.append(_format(row))
+                    rows.append(csv_cells(row, FIELDS))
                     writer.writerow(rows[-1])
                     handle.flush()
                     print(_progress(rows[-1], time.perf_counter() - start), flush=True)
@@ -760,14 +749,7 @@ def run_grid(cfg: InferenceConfig, csv_path: Path) -> pd.DataFrame:
 
 
 def read_csv(path: Path) -> pd.DataFrame:
-    if not path.exists():
-        raise HarnessError(f"{path} does not exist; run python -m harness.bench inference first")
-    frame = pd.read_csv(path, dtype={"status": str, "gpu": str, "impl": str})
-    if tuple(frame.columns) != FIELDS:
-        raise HarnessError(f"{path} has other columns than this benchmark writes")
-    if frame.empty:
-        raise HarnessError(f"{path} has no rows")
-    return frame
+    return read_bench_csv(path, FIELDS, "inference", {"status": str, "gpu": str, "impl": str})
 
 
 def _label(model: str, impl: str) -> str:

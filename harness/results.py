@@ -18,6 +18,33 @@ from pathlib import Path
 STEP_COLUMNS = ("step", "tokens", "loss", "lr", "step_time_s", "kt_per_s", "warmup")
 
 
+def csv_cells(row: dict, fields: Iterable[str]) -> dict[str, object]:
+    """A tidy CSV row: the named fields, floats to 5 significant digits, NaN and missing values empty."""
+    out: dict[str, object] = {}
+    for key in fields:
+        value = row.get(key)
+        if isinstance(value, float):
+            value = None if math.isnan(value) else float(f"{value:.5g}")
+        out[key] = value
+    return out
+
+
+def read_bench_csv(path: Path, fields: tuple[str, ...], command: str, dtypes: dict[str, type]):
+    """A benchmark's CSV as a DataFrame, with one-line errors when it is missing, foreign or empty."""
+    import pandas as pd
+
+    from harness.errors import HarnessError
+
+    if not path.exists():
+        raise HarnessError(f"{path} does not exist; run python -m harness.bench {command} first")
+    frame = pd.read_csv(path, dtype=dtypes)
+    if tuple(frame.columns) != fields:
+        raise HarnessError(f"{path} has other columns than this benchmark writes")
+    if frame.empty:
+        raise HarnessError(f"{path} has no rows")
+    return frame
+
+
 def write_json_atomic(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")

@@ -9,10 +9,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from cli_support import assert_one_line_user_error
 
 from harness import bench_kernels as bk
 from harness.bench import main
-from harness.errors import USER_ERROR_EXIT
 from impls.reference import W_SCALE, wkv7_reference
 
 TINY = ["kernels=reference", "T=16,32,2048", "B=1,2", "H=2", "N=16", "device=cpu"]
@@ -126,11 +126,7 @@ def test_quick_grid_and_overrides() -> None:
     (["modes=bwd", "device=cpu"], "modes must be"),
 ])
 def test_user_errors_are_one_line(words: list[str], message: str, tmp_path: Path, capsys) -> None:
-    with pytest.raises(SystemExit) as info:
-        main(["kernels", *words, f"out={tmp_path}"])
-    assert info.value.code == USER_ERROR_EXIT
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert_one_line_user_error(lambda: main(["kernels", *words, f"out={tmp_path}"]), message, capsys)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")

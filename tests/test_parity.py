@@ -8,10 +8,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from cli_support import assert_one_line_user_error
 
 import impls
 from harness import parity
-from harness.errors import USER_ERROR_EXIT
 from harness.init import rwkv_lm_state_dict
 from harness.model import RWKV, ModelConfig
 from impls.base import LAYER0_UNUSED
@@ -70,11 +70,7 @@ def test_cli_writes_csv_markdown_and_figure(tmp_path: Path, capsys) -> None:
     (["impl_a=nope", "impl_b=reference", "device=cpu"], "unknown impl 'nope'"),
 ])
 def test_user_errors_are_one_line(words: list[str], message: str, tmp_path: Path, capsys) -> None:
-    with pytest.raises(SystemExit) as info:
-        parity.main([*words, f"out={tmp_path}"])
-    assert info.value.code == USER_ERROR_EXIT
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert_one_line_user_error(lambda: parity.main([*words, f"out={tmp_path}"]), message, capsys)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
