@@ -168,6 +168,31 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def deepspeed_bf16_config() -> dict[str, object]:
+    """DeepSpeed's bf16 block. Its per-gradient inf/NaN scan before every step (``check_grad_overflow``, on by
+    default in recent DeepSpeed) costs several kernels per tensor plus a host sync; bf16 needs no loss scaling, and
+    this trainer stops on a non-finite loss itself, so the scan is turned off where DeepSpeed has the switch."""
+    config: dict[str, object] = {"enabled": True}
+    try:
+        from deepspeed.runtime.precision_config import DeepSpeedBF16Config
+    except ImportError:
+        return config
+    if "check_grad_overflow" in getattr(DeepSpeedBF16Config, "model_fields", {}):
+        config["check_grad_overflow"] = False
+    return config
+
+
+def make_strategy(plan: Plan):
+    """Lightning strategy: the registry's, with DeepSpeed's bf16 block set explicitly."""
+    if not (plan.strategy.startswith("deepspeed") and plan.precision.startswith("bf16")):
+        return plan.strategy
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    strategy = StrategyRegistry.get(plan.strategy)
+    strategy.config["bf16"] = deepspeed_bf16_config()
+    return strategy
+
+
 def make_optimizer(groups: list[dict], cfg: DictConfig, plan: Plan) -> torch.optim.Optimizer:
     o = cfg.optim
     kwargs = dict(lr=o.lr_init, betas=tuple(o.betas), eps=o.eps)
@@ -433,7 +458,9 @@ def train(cfg: DictConfig) -> RunOutcome:
     status = "interrupted" if checkpointer.interrupted and final_step < plan.max_steps else "completed"
     summary = _summarize(plan, model, recorder, setup_s)
     if trainer.is_global_zero:
-        rd.update_run_json(status=status, final_step=final_step, throughput=summary)
+        deepspeed_config = getattr(trainer.strategy, "config", None)
+        rd.update_run_json(status=status, final_step=final_step, throughput=summary,
+                           deepspeed_config=deepspeed_config)
     return RunOutcome(status, rd, final_step, summary)
 
 
@@ -449,7 +476,7 @@ def _make_trainer(cfg: DictConfig, plan: Plan, schedule: LRSchedule, start_step:
         callbacks.append(StepProfiler(plan.run_dir, first_timed, int(cfg.trainer.profile_steps)))
     trainer = L.Trainer(
         accelerator=plan.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
-        strategy=plan.strategy,
+        strategy=make_strategy(plan),
         precision=plan.precision, max_steps=plan.max_steps, max_epochs=-1, gradient_clip_val=cfg.optim.grad_clip,
         logger=False, enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
         use_distributed_sampler=False, callbacks=callbacks, log_every_n_steps=1,
