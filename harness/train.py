@@ -78,6 +78,14 @@ def resolve_data_prefix(path: str | None) -> Path:
     return default_data_prefix() if path in (None, "", "sample") else Path(path).expanduser()
 
 
+def open_data(prefix: Path, hint: str | None) -> BinIdx:
+    """The binidx pair; when it is missing, the data config's hint says where to get it."""
+    missing = [p for p in (Path(f"{prefix}.bin"), Path(f"{prefix}.idx")) if not p.exists()]
+    if missing and hint:
+        raise HarnessError(f"{missing[0]} does not exist; {hint}")
+    return BinIdx(prefix)
+
+
 def plan_run(cfg: DictConfig) -> Plan:
     """Validate the config and the environment; raise a one-line HarnessError for anything wrong."""
     if not isinstance(cfg.bsz, int) or cfg.bsz <= 0:
@@ -94,7 +102,7 @@ def plan_run(cfg: DictConfig) -> Plan:
     except (TypeError, ValueError) as exc:
         raise HarnessError(f"bad model config: {exc}") from None
     prefix = resolve_data_prefix(cfg.data.path)
-    data = BinIdx(prefix)
+    data = open_data(prefix, cfg.data.get("hint"))
     prime = magic_prime(data.num_tokens, model_cfg.ctx_len)
     world_size = int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)
     run_id = cfg.run_id or f"{impl.name}-{cfg.init.mode}-bsz{cfg.bsz}-seed{cfg.seed}"

@@ -68,6 +68,7 @@ def test_main_job_tiny_reference_run_learns(tmp_path):
     (["bsz=0"], "bsz must be a positive integer"),
     (["bsz=-3"], "bsz must be a positive integer"),
     (["data.path=/nonexistent/corpus"], "/nonexistent/corpus"),
+    (["data=minipile", "data.path=/nonexistent/minipile"], "BlinkDL/minipile-tokenized"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, fragment):
     results = tmp_path / "results"
