@@ -513,7 +513,7 @@ def plot_kernels(frame: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from harness.report import _save
+    from harness.report import finish_figure
 
     panels = sorted(frame[["B", "H"]].drop_duplicates().itertuples(index=False, name=None))
     modes = [m for m in MODES if m in set(frame["mode"])]
@@ -542,12 +542,8 @@ def plot_kernels(frame: pd.DataFrame, path: Path) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=size)
     first = frame.iloc[0]
-    fig.suptitle(f"WKV op, {first['dtype']} inputs, N={first['N']}: time vs T and accuracy ({_device_label(first)}, "
-                 f"torch {first['torch']}, triton {first['triton']}, fla {first['fla']})", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _save(fig, path)
-    plt.close(fig)
+    finish_figure(fig, path, f"WKV op, {first['dtype']} inputs, N={first['N']}: time vs T and accuracy "
+                  f"({_device_label(first)}, torch {first['torch']}, triton {first['triton']}, fla {first['fla']})")
 
 
 def _device_label(row: pd.Series) -> str:

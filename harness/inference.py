@@ -765,7 +765,7 @@ def _figure(frame: pd.DataFrame, path: Path, title: str, ylabel: str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from harness.report import _save
+    from harness.report import finish_figure
 
     ok = frame[frame["status"] == "ok"]
     batches = sorted(frame["batch"].unique())
@@ -787,12 +787,8 @@ def _figure(frame: pd.DataFrame, path: Path, title: str, ylabel: str,
             ax.legend(fontsize=7)
     first = frame.iloc[0]
     device = first["gpu"] if isinstance(first["gpu"], str) and first["gpu"] else str(first["device"])
-    fig.suptitle(f"{title}: {first['size']}, parameter-matched baselines, {first['dtype']}, {device}, "
-                 f"torch {first['torch']}", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _save(fig, path)
-    plt.close(fig)
+    finish_figure(fig, path, f"{title}: {first['size']}, parameter-matched baselines, {first['dtype']}, {device}, "
+                             f"torch {first['torch']}")
 
 
 def _draw_latency(ax, rows: pd.DataFrame, color) -> None:

@@ -139,6 +139,17 @@ def _save(fig, path: Path) -> None:
     fig.savefig(path, dpi=110, metadata={"Software": None, "Creation Time": None}, bbox_inches="tight")
 
 
+def finish_figure(fig, path: Path, title: str) -> None:
+    """Suptitle, tight layout, deterministic PNG, close."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(fig, path)
+    plt.close(fig)
+
+
 def plot_loss(steps: pd.DataFrame, path: Path, window: int = 25) -> None:
     import matplotlib.pyplot as plt
 
