@@ -30,6 +30,7 @@ from torch import nn
 
 import impls
 from harness.env import environment
+from harness.errors import HarnessError, exit_on_user_error
 from harness.model import RWKV, ModelConfig, lm_loss
 
 FIELDS = ("timestamp", "impl", "bsz", "ctx", "n_layer", "n_embd", "vocab", "kt_per_s", "step_ms", "peak_mem_gib",
@@ -73,18 +74,18 @@ def parse_overrides(overrides: list[str], base: Any = None) -> Any:
     for word in overrides:
         key, sep, value = word.partition("=")
         if not sep or key not in types:
-            raise SystemExit(f"bad argument {word!r}; use key=value with key one of: {', '.join(types)}")
+            raise HarnessError(f"bad argument {word!r}; use key=value with key one of: {', '.join(types)}")
         try:
             values[key] = _CONVERTERS[types[key]](value)
         except ValueError:
-            raise SystemExit(f"bad value {value!r} for {key} (a {types[key]})") from None
+            raise HarnessError(f"bad value {value!r} for {key} (a {types[key]})") from None
     return dataclasses.replace(base, **values)
 
 
 def build(cfg: StepConfig) -> tuple[nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor]:
     """Model in bf16 on the device, its optimizer, and one batch of random tokens and targets."""
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("the step benchmark needs a CUDA GPU (device=cpu gives a smoke run)")
+        raise HarnessError("the step benchmark needs a CUDA GPU (device=cpu gives a smoke run)")
     torch.manual_seed(cfg.seed)
     model_cfg = ModelConfig(n_layer=cfg.n_layer, n_embd=cfg.n_embd, head_size=cfg.head_size,
                             vocab_size=cfg.vocab, ctx_len=cfg.ctx)
@@ -158,7 +159,7 @@ def append_row(row: dict[str, object], env: dict[str, object], out_dir: Path) ->
         with path.open(newline="") as f:
             header = next(csv.reader(f))
         if tuple(header) != FIELDS:
-            raise SystemExit(f"{path} has other columns than this benchmark writes; move it aside")
+            raise HarnessError(f"{path} has other columns than this benchmark writes; move it aside")
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS, lineterminator="\n")
         if not exists:
@@ -257,6 +258,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot-only", action="store_true",
                         help="kernels, inference: redraw the figures (and table) from an existing CSV")
     args = parser.parse_intermixed_args(argv)
+    with exit_on_user_error():
+        run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> None:
     if args.command == "kernels":
         from harness import bench_kernels
 

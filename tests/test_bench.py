@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from harness.bench import FIELDS, kernel_report, main, parse_overrides
+from harness.errors import HarnessError
 
 TINY = ["impl=reference", "bsz=2", "ctx=16", "n_layer=2", "n_embd=64", "vocab=97", "warmup=1", "steps=2",
         "profile_steps=1", "device=cpu"]
@@ -21,7 +22,7 @@ def test_overrides_are_typed_and_default_to_the_anchor_setup() -> None:
 
 
 def test_unknown_override_is_refused() -> None:
-    with pytest.raises(SystemExit, match="batch"):
+    with pytest.raises(HarnessError, match="batch"):
         parse_overrides(["batch=4"])
 
 
