@@ -72,6 +72,11 @@ def environment() -> dict[str, object]:
         **gpu_info(),
         "versions": package_versions(),
         "git": git_state(),
-        "env_flags": {k: v for k, v in os.environ.items()
-                      if k.startswith(("FLA_", "TRITON_", "RWKV_", "CUDA_VISIBLE", "TORCH_EXTENSIONS"))},
+        "env_flags": behaviour_flags(os.environ),
     }
+
+
+def behaviour_flags(env: dict[str, str]) -> dict[str, str]:
+    """Environment variables that change what the kernels do; cache and tool locations are left out."""
+    return {k: v for k, v in env.items()
+            if k.startswith(("FLA_", "TRITON_", "RWKV_", "CUDA_VISIBLE")) and not k.endswith(("_DIR", "_PATH"))}

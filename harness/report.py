@@ -71,6 +71,7 @@ class IQRFiltered:
     removed: int
     low: float
     high: float
+    iqr: float
 
 
 def tukey_filter(values: np.ndarray, k: float = 1.5) -> IQRFiltered:
@@ -78,7 +79,7 @@ def tukey_filter(values: np.ndarray, k: float = 1.5) -> IQRFiltered:
     q1, q3 = np.percentile(values, [25, 75])
     low, high = q1 - k * (q3 - q1), q3 + k * (q3 - q1)
     mask = (values >= low) & (values <= high)
-    return IQRFiltered(values[mask], int((~mask).sum()), float(low), float(high))
+    return IQRFiltered(values[mask], int((~mask).sum()), float(low), float(high), float(q3 - q1))
 
 
 def mean_ci95(values: np.ndarray) -> tuple[float, float | None]:
@@ -99,7 +100,6 @@ def throughput_table(steps: pd.DataFrame) -> pd.DataFrame:
             continue
         filtered = tukey_filter(timed["kt_per_s"].to_numpy())
         tokens_per_step = (group["tokens"] / (group["step"] + 1)).iloc[0]
-        q1, q3 = np.percentile(timed["kt_per_s"], [25, 75])
         rows.append({
             **_arm(arm),
             "runs": group["run_id"].nunique(),
@@ -107,7 +107,7 @@ def throughput_table(steps: pd.DataFrame) -> pd.DataFrame:
             "iqr_removed": filtered.removed,
             "kt_s_filtered_mean": float(filtered.kept.mean()),
             "kt_s_median": float(timed["kt_per_s"].median()),
-            "kt_s_iqr": float(q3 - q1),
+            "kt_s_iqr": filtered.iqr,
             "kt_s_aggregate": float(len(timed) * tokens_per_step / timed["step_time_s"].sum() / 1000),
             "gpu": group["gpu"].iloc[0],
         })
@@ -301,7 +301,7 @@ def build_report(results_dir: Path, figures_dir: Path, experiments: list[str] | 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({"svg.hashsalt": "harness", "font.family": "DejaVu Sans"})
+    plt.rcParams.update({"font.family": "DejaVu Sans"})
     steps = load_runs(results_dir)
     if experiments:
         steps = steps[steps["experiment"].isin(experiments)]

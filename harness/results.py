@@ -1,4 +1,4 @@
-"""Run results on disk: ``results/<experiment>/<run_id>/{run.json, steps.csv, init.safetensors, checkpoints/}``.
+"""Run results on disk: ``results/<experiment>/<run_id>/{run.json, steps.csv, checkpoints/}``.
 
 ``steps.csv`` has one row per optimizer step, flushed as it is written, so a crash loses nothing already logged.
 ``run.json`` holds the resolved config, the environment and, at the end, the throughput summary.
@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,14 @@ def read_bench_csv(path: Path, fields: tuple[str, ...], command: str, dtypes: di
     return frame
 
 
+def portable_path(path: Path) -> str:
+    """``path`` relative to the working directory when it lies inside it, so records do not name this machine."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def write_json_atomic(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
@@ -64,19 +73,11 @@ class RunDir:
         return self.path / "steps.csv"
 
     @property
-    def init_weights(self) -> Path:
-        return self.path / "init.safetensors"
-
-    @property
     def checkpoint_dir(self) -> Path:
         return self.path / "checkpoints"
 
     @property
-    def last_checkpoint(self) -> Path:
-        return self.checkpoint_dir / "last.ckpt"
-
-    @property
-    def last_checkpoint_step(self) -> Path:
+    def last_checkpoint_record(self) -> Path:
         """Written only after a checkpoint is complete, so its presence means the checkpoint is usable."""
         return self.checkpoint_dir / "last.json"
 
@@ -86,11 +87,15 @@ class RunDir:
     def update_run_json(self, **fields: object) -> None:
         write_json_atomic(self.run_json, {**self.read_run_json(), **fields})
 
-    def resumable_step(self) -> int | None:
-        """Global step of the last complete checkpoint, or None."""
-        if not self.last_checkpoint_step.exists():
+    def last_checkpoint(self) -> tuple[int, Path] | None:
+        """(global step, path) of the last complete checkpoint, or None."""
+        if not self.last_checkpoint_record.exists():
             return None
-        return int(json.loads(self.last_checkpoint_step.read_text())["step"])
+        record = json.loads(self.last_checkpoint_record.read_text())
+        return int(record["step"]), self.checkpoint_dir / record["path"]
+
+    def record_checkpoint(self, step: int, path: Path) -> None:
+        write_json_atomic(self.last_checkpoint_record, {"step": step, "path": path.name})
 
 
 class StepLog:
@@ -124,18 +129,19 @@ def throughput_summary(rows: Iterable[dict], tokens_per_step: int) -> dict[str, 
     """Aggregate over the post-warm-up window: total tokens / total synchronized step time.
 
     Per-step kt/s is kept in steps.csv for distribution plots; averaging those rates would overweight fast steps."""
-    timed = [r for r in rows if str(r["warmup"]) in ("0", "False", "false")]
+    rows = list(rows)
+    timed = [r for r in rows if str(r["warmup"]) == "0"]
+    warmup_s = sum(float(r["step_time_s"]) for r in rows if str(r["warmup"]) != "0")
     steps = len(timed)
     if steps == 0:
-        return {"timed_steps": 0, "tokens": 0, "wall_s": 0.0, "kt_per_s": None}
+        return {"timed_steps": 0, "tokens": 0, "wall_s": 0.0, "kt_per_s": None, "warmup_s": warmup_s}
     tokens = steps * tokens_per_step
     wall = sum(float(r["step_time_s"]) for r in timed)
-    rates = sorted(float(r["kt_per_s"]) for r in timed)
-    median = rates[steps // 2] if steps % 2 else 0.5 * (rates[steps // 2 - 1] + rates[steps // 2])
     return {
         "timed_steps": steps,
         "tokens": tokens,
         "wall_s": wall,
         "kt_per_s": tokens / wall / 1000 if wall > 0 else math.nan,
-        "median_step_kt_per_s": median,
+        "median_step_kt_per_s": statistics.median(float(r["kt_per_s"]) for r in timed),
+        "warmup_s": warmup_s,
     }

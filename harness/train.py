@@ -8,7 +8,6 @@ on Ctrl-C -> throughput summary into run.json. Rerunning the same command resume
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -32,7 +31,7 @@ from harness.errors import HarnessError
 from harness.init import apply_init
 from harness.model import RWKV, ModelConfig, count_parameters, lm_loss
 from harness.optim import LRSchedule, describe_groups, param_groups, set_lr
-from harness.results import RunDir, StepLog, read_steps, throughput_summary, write_json_atomic
+from harness.results import RunDir, StepLog, portable_path, read_steps, throughput_summary
 from impls.base import Implementation
 
 # Dense bf16 peak per GPU, for MFU (6 x non-embedding parameters per token).
@@ -142,7 +141,7 @@ def _precision(requested: str, accelerator: str) -> str:
 # --- model, data and optimizer ----------------------------------------------------------------------
 
 
-def shared_init_file(cfg: DictConfig, plan: Plan) -> Path:
+def shared_init_file(cfg: DictConfig) -> Path:
     """One init per (experiment, model, seed), reused by every implementation's run."""
     name = f"{cfg.model.name}-seed{cfg.seed}.safetensors"
     return Path(cfg.results_dir) / cfg.experiment / "init" / name
@@ -154,7 +153,7 @@ def build_model(cfg: DictConfig, plan: Plan) -> tuple[RWKV, dict]:
     model = RWKV(plan.impl, plan.model_cfg)
     mode = cfg.init.mode
     if mode == "shared":
-        path = shared_init_file(cfg, plan)
+        path = shared_init_file(cfg)
         if not path.exists():
             state = apply_init(model, mode, cfg.seed)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -163,7 +162,7 @@ def build_model(cfg: DictConfig, plan: Plan) -> tuple[RWKV, dict]:
             tmp.replace(path)
         else:
             model.load_canonical_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
-        return model, {"mode": mode, "seed": cfg.seed, "file": str(path), "sha256": _sha256(path)}
+        return model, {"mode": mode, "seed": cfg.seed, "file": portable_path(path), "sha256": _sha256(path)}
     apply_init(model, mode, cfg.seed)
     return model, {"mode": mode, "seed": cfg.seed}
 
@@ -326,7 +325,8 @@ class StepProfiler(Callback):
         if trainer.is_global_zero:
             from harness.bench import profile_summary
 
-            header = f"run {self.run_dir.path}: steps {self.start_step}..{self.start_step + self.steps - 1}"
+            last = self.start_step + self.steps - 1
+            header = f"run {portable_path(self.run_dir.path)}: steps {self.start_step}..{last}"
             (self.run_dir.path / "profile.txt").write_text(
                 profile_summary(self._profiler.key_averages(), self.steps, wall, header) + "\n")
         self._profiler = None
@@ -363,14 +363,13 @@ class Checkpointer(Callback):
             signal.signal(signal.SIGINT, self._previous_handler)
 
     def save(self, trainer: L.Trainer, step: int) -> None:
-        directory = self.run_dir.checkpoint_dir
-        name = f"step-{step}.ckpt"
-        trainer.save_checkpoint(directory / name)
+        path = self.run_dir.checkpoint_dir / f"step-{step}.ckpt"
+        trainer.save_checkpoint(path)
         if trainer.is_global_zero:
-            previous = self.run_dir.resumable_step()
-            write_json_atomic(self.run_dir.last_checkpoint_step, {"step": step, "path": name})
-            if previous is not None and previous != step:
-                _remove(directory / f"step-{previous}.ckpt")
+            previous = self.run_dir.last_checkpoint()
+            self.run_dir.record_checkpoint(step, path)
+            if previous is not None and previous[1] != path:
+                _remove(previous[1])
 
 
 def _remove(path: Path) -> None:
@@ -412,10 +411,10 @@ def _config_differences(stored: dict, current: DictConfig) -> list[str]:
     return sorted(k for k in keys if old.get(k) != new.get(k))
 
 
-def prepare_run_dir(cfg: DictConfig, plan: Plan) -> int | None:
-    """Decide fresh start vs resume; returns the resume step, or None for a fresh start.
+def prepare_run_dir(cfg: DictConfig, plan: Plan) -> bool:
+    """Check an existing run directory against this config; returns whether that run is already complete.
 
-    Raises HarnessError when the directory holds a different run; returns -1 when the run is already complete."""
+    Raises HarnessError when the directory holds a different run."""
     rd = plan.run_dir
     if cfg.overwrite and rd.path.exists() and _is_launching_rank_zero():
         shutil.rmtree(rd.path)
@@ -425,19 +424,18 @@ def prepare_run_dir(cfg: DictConfig, plan: Plan) -> int | None:
         if differences:
             raise HarnessError(f"{rd.path} holds a run with another config (differs in {', '.join(differences)}); "
                                f"choose another run_id=/experiment= or pass overwrite=true")
-        if stored.get("status") == "completed":
-            return -1
-    return rd.resumable_step()
+    return stored.get("status") == "completed"
 
 
 def train(cfg: DictConfig) -> RunOutcome:
     plan = plan_run(cfg)
-    resume_step = prepare_run_dir(cfg, plan)
     rd = plan.run_dir
-    if resume_step == -1:
+    if prepare_run_dir(cfg, plan):
         stored = rd.read_run_json()
         return RunOutcome("already_complete", rd, stored.get("final_step", plan.max_steps),
                           stored.get("throughput", {}))
+    checkpoint = rd.last_checkpoint()
+    resume_step, ckpt_path = checkpoint if checkpoint else (None, None)
     start_step = resume_step or 0
     rd.path.mkdir(parents=True, exist_ok=True)
     setup_start = time.perf_counter()
@@ -448,7 +446,6 @@ def train(cfg: DictConfig) -> RunOutcome:
                           cfg.optim.exit_tokens or plan.max_steps * plan.tokens_per_step)
     trainer, recorder, checkpointer, log = _make_trainer(cfg, plan, schedule, start_step)
     lit = LitRWKV(model, cfg, plan, start_step)
-    ckpt_path = rd.checkpoint_dir / json.loads(rd.last_checkpoint_step.read_text())["path"] if resume_step else None
     setup_s = time.perf_counter() - setup_start
     try:
         with warnings.catch_warnings():
@@ -511,7 +508,7 @@ def _record_start(cfg: DictConfig, plan: Plan, model: RWKV, init_record: dict, r
               "needs_cuda": plan.impl.needs_cuda},
         trainer={"accelerator": plan.accelerator, "strategy": plan.strategy, "precision": plan.precision,
                  "world_size": plan.world_size},
-        data={"prefix": str(plan.data_prefix), "tokens": plan.data_tokens, "magic_prime": plan.magic_prime},
+        data={"prefix": portable_path(plan.data_prefix), "tokens": plan.data_tokens, "magic_prime": plan.magic_prime},
         tokens_per_step=plan.tokens_per_step,
         parameters={"total": count_parameters(model), "non_embedding": count_parameters(model, True)},
         optimizer_groups=describe_groups(groups, model),
@@ -529,7 +526,6 @@ def _summarize(plan: Plan, model: RWKV, recorder: StepRecorder, setup_s: float) 
     summary.update(
         setup_s=setup_s,
         first_step_s=recorder.first_step_s,
-        warmup_s=sum(float(r["step_time_s"]) for r in rows if r["warmup"] == "1"),
         flops_per_token=flops_per_token,
         mfu=(kt * 1000 * flops_per_token / (peak * plan.world_size)) if (peak and kt) else None,
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 
+from harness.errors import HarnessError
 from impls.base import Implementation
 
 # impl name -> (module, attribute holding the Implementation, what to install if the import fails)
@@ -19,7 +20,7 @@ _REGISTRY: dict[str, tuple[str, str, str]] = {
 }
 
 
-class ImplementationError(Exception):
+class ImplementationError(HarnessError):
     """An ``impl=`` name that cannot be used; the message is one line for the user."""
 
 
