@@ -179,6 +179,7 @@ def apply_init(model: torch.nn.Module, mode: str, seed: int) -> dict[str, torch.
     if mode == "shared":
         state = rwkv_lm_state_dict(cfg.n_layer, cfg.n_embd, cfg.head_size, cfg.vocab_size, seed)
     elif mode == "native":
+        # Drawn in full so the RNG stream, and so every non-time-mix tensor, equals the shared init of this seed.
         full = rwkv_lm_state_dict(cfg.n_layer, cfg.n_embd, cfg.head_size, cfg.vocab_size, seed)
         state = {k: v for k, v in full.items() if _outside_time_mix(k)}
     elif mode == "seed_separate":
