@@ -565,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lines = convert(args.src, args.dst, args.from_fmt, args.to_fmt, args.impl, args.dtype, args.dry_run,
                         args.force)
-    except (HarnessError, impls.ImplementationError) as exc:
+    except HarnessError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     print("\n".join(lines))

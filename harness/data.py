@@ -14,7 +14,6 @@ import json
 import math
 import os
 import struct
-import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -22,7 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from harness.tokenizer import END_OF_DOCUMENT, TokenizerUnavailable, load_world_tokenizer
+from harness.errors import HarnessError, exit_on_user_error
+from harness.tokenizer import END_OF_DOCUMENT, load_world_tokenizer
 
 _MAGIC = b"MMIDIDX\x00\x00"
 _VERSION = 1
@@ -34,7 +34,7 @@ _GOLDEN = (math.sqrt(5) - 1) / 2  # float, as RWKV-LM computes it, so that phi m
 _MIN_COVERAGE = 0.9  # RWKV-LM asserts magic_prime / floor(tokens / ctx_len) > 0.9
 
 
-class DataError(Exception):
+class DataError(HarnessError):
     """A problem with a data file or with data-related settings; the message is one line."""
 
 
@@ -357,7 +357,7 @@ def _info(path: Path, ctx_len: int) -> None:
     print(_magic_prime_line(data.num_tokens, ctx_len))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m harness.data", description="Prepare and inspect binidx data.")
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", help="tokenize .txt/.jsonl files into a binidx pair")
@@ -368,16 +368,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     info.add_argument("path", type=Path, help="binidx prefix (or its .bin/.idx)")
     info.add_argument("--ctx-len", type=int, default=512)
     args = parser.parse_args(argv)
-    try:
-        if args.command == "prepare":
-            _prepare(args.inputs, args.out, args.ctx_len)
-        else:
-            _info(args.path, args.ctx_len)
-    except (DataError, TokenizerUnavailable, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    with exit_on_user_error():
+        try:
+            if args.command == "prepare":
+                _prepare(args.inputs, args.out, args.ctx_len)
+            else:
+                _info(args.path, args.ctx_len)
+        except OSError as exc:
+            raise DataError(str(exc)) from None
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

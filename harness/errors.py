@@ -13,19 +13,12 @@ class HarnessError(Exception):
     """A problem with the user's input or environment; the message is one line that says what to do."""
 
 
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    from harness.data import DataError
-    from impls import ImplementationError
-
-    return HarnessError, DataError, ImplementationError
-
-
 @contextlib.contextmanager
 def exit_on_user_error() -> Iterator[None]:
     """Turn user errors raised inside the block into ``error: <message>`` and exit code 2."""
     try:
         yield
-    except _user_error_types() as exc:
+    except HarnessError as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"error: {message}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)

@@ -10,12 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+from harness.errors import HarnessError
+
 END_OF_DOCUMENT = 0
 VOCAB_SIZE = 65536  # the model's padded vocabulary; the file has ids 1..65529
 INSTALL_HINT = "pip install -e '.[tokenizer]'"
 
 
-class TokenizerUnavailable(ImportError):
+class TokenizerUnavailable(HarnessError, ImportError):
     """No RWKV world tokenizer package is installed."""
 
 
