@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import gc
 import json
 import os
 import re
@@ -112,6 +113,13 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def free_memory(device: str) -> None:
+    """Collect garbage and, on a GPU, hand cached blocks back (after an OOM or between large shapes)."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 def measure(cfg: StepConfig) -> dict[str, object]:
     """Time ``cfg.steps`` training steps after ``cfg.warmup``; the result row without environment fields."""
     model, optimizer, idx, targets = build(cfg)
@@ -126,7 +134,7 @@ def measure(cfg: StepConfig) -> dict[str, object]:
         loss = train_step(model, optimizer, idx, targets)
     synchronize(cfg.device)
     wall = time.perf_counter() - start
-    impl = impls.get(cfg.impl)
+    impl = model.impl
     return {
         "impl": cfg.impl, "bsz": cfg.bsz, "ctx": cfg.ctx, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd,
         "vocab": cfg.vocab,

@@ -43,7 +43,6 @@ loops (B=1, every T up to 16384), 20 s for the CUDA build: ~3-4 min with a warm 
 from __future__ import annotations
 
 import csv
-import gc
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -56,9 +55,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from harness.bench import parse_overrides, synchronize, with_environment
+from harness.bench import free_memory, parse_overrides, synchronize, with_environment
 from harness.env import environment
-from harness.errors import HarnessError, exit_on_user_error
+from harness.errors import HarnessError
 from harness.results import csv_cells, read_bench_csv
 from impls.reference import W_SCALE, wkv7_reference
 
@@ -332,12 +331,6 @@ def measure(op: Op, inputs: list[torch.Tensor], mode: str, dy: torch.Tensor, cfg
             "peak_mem_gib": peak_memory_gib(call, cfg.device)}
 
 
-def _free_memory(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-
-
 def _guarded(run: Callable[[], dict[str, object]], device: str, status_key: str) -> dict[str, object]:
     """Run one measurement; an OOM or any other failure becomes a status instead of ending the grid."""
     try:
@@ -347,7 +340,7 @@ def _guarded(run: Callable[[], dict[str, object]], device: str, status_key: str)
     except Exception as exc:  # a kernel that fails on one shape must not cost the rest of the grid
         message = " ".join(str(exc).split())[:200]
         result = {status_key: f"error ({type(exc).__name__}: {message})"}
-    _free_memory(device)
+    free_memory(device)
     return result
 
 
@@ -369,7 +362,7 @@ class Accuracy:
             return {"acc_status": f"skipped (kernel limit T<={kernel.max_T})"}
         if key not in self.cache:
             self.cache[key] = self._measure(*key)
-            _free_memory(self.cfg.device)
+            free_memory(self.cfg.device)
         found = dict(self.cache[key][kernel.name])
         if mode == "fwd":
             found = {k: v for k, v in found.items() if k not in {f"rel_err_{x}" for x in GRADS}}
@@ -478,7 +471,7 @@ def run_grid(cfg: KernelBenchConfig, csv_path: Path) -> pd.DataFrame:
                 handle.flush()
                 print(_progress(rows[-1], time.perf_counter() - start), flush=True)
             del shape
-            _free_memory(cfg.device)
+            free_memory(cfg.device)
     return pd.DataFrame(rows, columns=list(FIELDS))
 
 
@@ -543,10 +536,10 @@ def plot_kernels(frame: pd.DataFrame, path: Path) -> None:
             ax.legend(fontsize=size)
     first = frame.iloc[0]
     finish_figure(fig, path, f"WKV op, {first['dtype']} inputs, N={first['N']}: time vs T and accuracy "
-                  f"({_device_label(first)}, torch {first['torch']}, triton {first['triton']}, fla {first['fla']})")
+                  f"({device_label(first)}, torch {first['torch']}, triton {first['triton']}, fla {first['fla']})")
 
 
-def _device_label(row: pd.Series) -> str:
+def device_label(row: pd.Series) -> str:
     return row["gpu"] if isinstance(row["gpu"], str) and row["gpu"] else str(row["device"])
 
 
@@ -578,7 +571,7 @@ def markdown_tables(frame: pd.DataFrame) -> str:
     first = frame.iloc[0]
     return "\n\n".join([
         "# WKV op: time and accuracy",
-        f"{first['dtype']} inputs, N={first['N']}, {_device_label(first)}, torch {first['torch']}, "
+        f"{first['dtype']} inputs, N={first['N']}, {device_label(first)}, torch {first['torch']}, "
         f"triton {first['triton']}, fla {first['fla']}, commit {str(first['git_commit'])[:8]}.",
         "## Median time (ms; a word where the row was not timed: oom, too_slow, skipped, error)",
         markdown_table(times.rename(columns=_t_label)),
@@ -595,15 +588,14 @@ def read_csv(path: Path) -> pd.DataFrame:
 
 
 def main(overrides: list[str], quick: bool = False, plot_only: bool = False) -> None:
-    """The ``kernels`` subcommand of ``python -m harness.bench``."""
+    """The ``kernels`` subcommand of ``python -m harness.bench`` (whose main turns HarnessErrors into one line)."""
     cfg = parse_overrides(overrides, QUICK if quick else KernelBenchConfig())
     csv_path = Path(cfg.out) / f"{cfg.name}.csv"
-    with exit_on_user_error():
-        if not plot_only:
-            run_grid(cfg, csv_path)
-        frame = read_csv(csv_path)
-        figure, table = Path(cfg.figures) / f"{cfg.name}.png", Path(cfg.out) / f"{cfg.name}.md"
-        plot_kernels(frame, figure)
-        table.write_text(markdown_tables(frame))
+    if not plot_only:
+        run_grid(cfg, csv_path)
+    frame = read_csv(csv_path)
+    figure, table = Path(cfg.figures) / f"{cfg.name}.png", Path(cfg.out) / f"{cfg.name}.md"
+    plot_kernels(frame, figure)
+    table.write_text(markdown_tables(frame))
     for path in ([] if plot_only else [csv_path]) + [table, figure]:
         print(f"wrote {path}")

@@ -48,7 +48,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
-import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,9 +61,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import impls
-from harness.bench import parse_overrides, synchronize, with_environment
+from harness.bench import free_memory, parse_overrides, synchronize, with_environment
+from harness.bench_kernels import device_label, log_decay
 from harness.env import environment
-from harness.errors import HarnessError, exit_on_user_error
+from harness.errors import HarnessError
 from harness.model import RWKV, ModelConfig, count_parameters
 from harness.results import csv_cells, read_bench_csv
 from impls.reference import W_SCALE, wkv7_reference
@@ -116,11 +116,6 @@ def _fla_rwkv7():
     import fla.ops.rwkv7
 
     return fla.ops.rwkv7
-
-
-def log_decay(w: torch.Tensor) -> torch.Tensor:
-    """The natural-log decay FLA's kernels take, from the raw logit (fp32 math, rounded to w's dtype)."""
-    return (W_SCALE * torch.sigmoid(w.float())).to(w.dtype)
 
 
 def fla_chunk_wkv(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kk: torch.Tensor,
@@ -615,12 +610,6 @@ def _reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 class TooSlow(Exception):
     """The warm-up prefill took longer than max_prefill_s."""
 
@@ -679,7 +668,7 @@ def _guarded(decoder: Decoder, batch: int, length: int, cfg: InferenceConfig) ->
     except Exception as exc:  # one model failing at one shape must not cost the rest of the grid
         result = {"status": f"error ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"}
     finally:
-        _free_memory(torch.device(cfg.device))
+        free_memory(cfg.device)
     return result
 
 
@@ -786,9 +775,8 @@ def _figure(frame: pd.DataFrame, path: Path, title: str, ylabel: str,
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     first = frame.iloc[0]
-    device = first["gpu"] if isinstance(first["gpu"], str) and first["gpu"] else str(first["device"])
-    finish_figure(fig, path, f"{title}: {first['size']}, parameter-matched baselines, {first['dtype']}, {device}, "
-                             f"torch {first['torch']}")
+    finish_figure(fig, path, f"{title}: {first['size']}, parameter-matched baselines, {first['dtype']}, "
+                             f"{device_label(first)}, torch {first['torch']}")
 
 
 def _draw_latency(ax, rows: pd.DataFrame, color) -> None:
@@ -824,12 +812,11 @@ def plot(frame: pd.DataFrame, figures_dir: Path) -> list[Path]:
 
 
 def main(overrides: list[str], plot_only: bool = False) -> None:
-    """The ``inference`` subcommand of ``python -m harness.bench``."""
+    """The ``inference`` subcommand of ``python -m harness.bench`` (whose main turns HarnessErrors into one line)."""
     cfg = parse_overrides(overrides, InferenceConfig())
     csv_path = Path(cfg.out) / "inference.csv"
-    with exit_on_user_error():
-        if not plot_only:
-            run_grid(cfg, csv_path)
-        figures = plot(read_csv(csv_path), Path(cfg.figures))
+    if not plot_only:
+        run_grid(cfg, csv_path)
+    figures = plot(read_csv(csv_path), Path(cfg.figures))
     for path in ([] if plot_only else [csv_path]) + figures:
         print(f"wrote {path}")

@@ -34,10 +34,10 @@ from harness.env import environment
 from harness.errors import HarnessError, exit_on_user_error
 from harness.init import apply_init
 from harness.model import RWKV, ModelConfig, lm_loss
+from harness.report import _save, markdown_table
 from impls.base import Implementation, to_canonical
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
-ROLES = ("a", "b", "ref")
 PAIRS = (("a", "b"), ("a", "ref"), ("b", "ref"))
 LAYER_QUANTITIES = ("att_out", "block_out", "grad_att_in", "grad_att_out", "att_param_grads")
 PLOT_FLOOR = 1e-16  # exact agreement drawn at this height on the log axis
@@ -266,10 +266,7 @@ def markdown(table: pd.DataFrame, selected: list[Arm]) -> str:
     first = table.iloc[0]
 
     def render(frame: pd.DataFrame, columns: list[str]) -> str:
-        header = "| " + " | ".join(c.replace("_vs_", " vs ") for c in columns) + " |"
-        rule = "|" + "|".join("---" for _ in columns) + "|"
-        body = ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for _, row in frame.iterrows()]
-        return "\n".join([header, rule, *body])
+        return markdown_table(frame[columns].map(_cell).rename(columns=lambda c: c.replace("_vs_", " vs ")))
 
     pairs = [f"{x}_vs_{y}" for x, y in PAIRS]
     layers = _wide(table, LAYER_QUANTITIES).sort_values(["layer", "quantity"])
@@ -307,8 +304,6 @@ def plot(table: pd.DataFrame, selected: list[Arm], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from harness.report import _save
 
     fig, axes = plt.subplots(1, len(LAYER_QUANTITIES), figsize=(3.6 * len(LAYER_QUANTITIES), 3.4), sharey=True)
     width = 0.8 / len(PAIRS)
