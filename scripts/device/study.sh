@@ -2,6 +2,7 @@
 # On the device: the study's arms, each stopped with Ctrl-C (SIGINT: finish the step, checkpoint, exit) before
 # the 10-minute call limit and resumed by the next call while the machine stays warm. Logs come back via $OUT.
 #   STEPS=1000 BSZ=48 BUDGET_S=540 scripts/device/study.sh rwkv rwkv_jit fla-share fla-native fla-separate
+# EXTRA holds further Hydra overrides for every arm; SAVE_TRITON_CACHE=1 also returns the Triton cache.
 set -uo pipefail
 source scripts/device/setup.sh
 STEPS=${STEPS:-1000}; BSZ=${BSZ:-48}; BUDGET_S=${BUDGET_S:-540}; RECIPE=${RECIPE:-fair}
@@ -10,7 +11,9 @@ for arm in "$@"; do
   left=$(( BUDGET_S - ($(date +%s) - start) ))
   [ "$left" -gt 60 ] || break
   EXPERIMENT=study-$RECIPE-bsz$BSZ DATA=corpus timeout -s INT "$left" train-temp/demo-training-run.sh "$arm" "$RECIPE" \
-    bsz=$BSZ trainer.max_steps=$STEPS trainer.ckpt_every=100 results_dir=$STUDY_RESULTS \
+    bsz=$BSZ trainer.max_steps=$STEPS trainer.ckpt_every=100 results_dir=$STUDY_RESULTS ${EXTRA:-} \
     2>&1 | grep -vE "Warning|warn" | tail -4
 done
-cd "$STUDY_RESULTS" && tar czf "$OUT/study-results.tgz" --exclude=checkpoints --exclude=init ./study-* && ls -la "$OUT"
+cd "$STUDY_RESULTS" && tar czf "$OUT/study-results.tgz" --exclude=checkpoints --exclude=init ./study-*
+[ "${SAVE_TRITON_CACHE:-0}" = 1 ] && tar czf "$OUT/triton-cache.tgz" -C "$TRITON_CACHE_DIR" .
+ls -la "$OUT"
