@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # tokens: cumulative tokens trained at the end of the step (global, all ranks).
-STEP_COLUMNS = ("step", "tokens", "loss", "lr", "step_time_s", "kt_per_s", "warmup")
+# checkpoint_s: time spent writing a checkpoint after the step, left out of step_time_s (empty in older logs).
+STEP_COLUMNS = ("step", "tokens", "loss", "lr", "step_time_s", "kt_per_s", "warmup", "checkpoint_s")
 
 
 def csv_cells(row: dict, fields: Iterable[str]) -> dict[str, object]:
@@ -126,15 +127,18 @@ def read_steps(path: Path) -> list[dict]:
 
 
 def throughput_summary(rows: Iterable[dict], tokens_per_step: int) -> dict[str, float | int | None]:
-    """Aggregate over the post-warm-up window: total tokens / total synchronized step time.
+    """Aggregate over the post-warm-up window: total tokens / total synchronized step time. Checkpoint writes are
+    not training and depend on ``ckpt_every`` and the disk: they are left out of step times and summed apart.
 
     Per-step kt/s is kept in steps.csv for distribution plots; averaging those rates would overweight fast steps."""
     rows = list(rows)
     timed = [r for r in rows if str(r["warmup"]) == "0"]
     warmup_s = sum(float(r["step_time_s"]) for r in rows if str(r["warmup"]) != "0")
+    checkpoint_s = sum(float(r.get("checkpoint_s") or 0) for r in rows)
     steps = len(timed)
     if steps == 0:
-        return {"timed_steps": 0, "tokens": 0, "wall_s": 0.0, "kt_per_s": None, "warmup_s": warmup_s}
+        return {"timed_steps": 0, "tokens": 0, "wall_s": 0.0, "kt_per_s": None, "warmup_s": warmup_s,
+                "checkpoint_s": checkpoint_s}
     tokens = steps * tokens_per_step
     wall = sum(float(r["step_time_s"]) for r in timed)
     return {
@@ -144,4 +148,5 @@ def throughput_summary(rows: Iterable[dict], tokens_per_step: int) -> dict[str, 
         "kt_per_s": tokens / wall / 1000 if wall > 0 else math.nan,
         "median_step_kt_per_s": statistics.median(float(r["kt_per_s"]) for r in timed),
         "warmup_s": warmup_s,
+        "checkpoint_s": checkpoint_s,
     }

@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import shutil
 import signal
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +39,8 @@ from impls.base import Implementation
 # Dense bf16 peak per GPU, for MFU (6 x non-embedding parameters per token).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 # Keys that may change between a run and its resumption without changing what is computed.
-RESUME_NEUTRAL_KEYS = ("trainer.ckpt_every", "trainer.num_workers", "trainer.profile_steps", "overwrite")
+RESUME_NEUTRAL_KEYS = ("trainer.ckpt_every", "trainer.num_workers", "trainer.profile_steps", "trainer.progress_every",
+                       "overwrite")
 
 
 class NonFiniteLoss(HarnessError):
@@ -63,6 +66,7 @@ class Plan:
     accelerator: str
     strategy: str
     precision: str
+    deepspeed: dict
 
     @property
     def tokens_per_step(self) -> int:
@@ -111,6 +115,7 @@ def plan_run(cfg: DictConfig) -> Plan:
         world_size=world_size, max_steps=int(cfg.trainer.max_steps), accelerator=accelerator,
         strategy=_strategy(cfg.trainer.strategy, accelerator, world_size),
         precision=_precision(cfg.trainer.precision, accelerator),
+        deepspeed=OmegaConf.to_container(cfg.trainer.deepspeed),
     )
 
 
@@ -190,14 +195,27 @@ def deepspeed_bf16_config() -> dict[str, object]:
 
 
 def make_strategy(plan: Plan):
-    """Lightning strategy: the registry's, with DeepSpeed's bf16 block set explicitly."""
-    if not (plan.strategy.startswith("deepspeed") and plan.precision.startswith("bf16")):
-        return plan.strategy
-    from lightning.pytorch.strategies import StrategyRegistry
+    """Lightning strategy. ``deepspeed_stage_N`` (N = 0..3; 0 is DeepSpeed's bf16 optimizer without ZeRO) takes
+    ``trainer.deepspeed``'s keywords and DeepSpeed's bf16 block set explicitly; ``single_device`` is plain Lightning
+    on one device; any other name goes to Lightning's registry."""
+    stage = deepspeed_stage(plan.strategy)
+    if stage is not None:
+        from lightning.pytorch.strategies import DeepSpeedStrategy
 
-    strategy = StrategyRegistry.get(plan.strategy)
-    strategy.config["bf16"] = deepspeed_bf16_config()
-    return strategy
+        strategy = DeepSpeedStrategy(stage=stage, **plan.deepspeed)
+        if plan.precision.startswith("bf16"):
+            strategy.config["bf16"] = deepspeed_bf16_config()
+        return strategy
+    if plan.strategy == "single_device":
+        from lightning.pytorch.strategies import SingleDeviceStrategy
+
+        return SingleDeviceStrategy(device=torch.device("cuda", 0) if plan.accelerator == "gpu" else "cpu")
+    return plan.strategy
+
+
+def deepspeed_stage(strategy: str) -> int | None:
+    match = re.fullmatch(r"deepspeed_stage_([0-3])", strategy)
+    return int(match[1]) if match else None
 
 
 def make_optimizer(groups: list[dict], cfg: DictConfig, plan: Plan) -> torch.optim.Optimizer:
@@ -231,7 +249,9 @@ class LitRWKV(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         loss = lm_loss(self.model(x), y)
-        self.last_loss = self.all_gather(loss.detach().float()).mean()
+        self.last_loss = loss.detach().float()
+        if self.trainer.world_size > 1:
+            self.last_loss = self.all_gather(self.last_loss).mean()
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -260,28 +280,55 @@ class LRScheduler(Callback):
             set_lr(optimizer, self.lr)
 
 
+class StepClock:
+    """Synchronized wall time between step ends, less the time spent in ``excluded()`` blocks (checkpoint writes)."""
+
+    def __init__(self):
+        self._last: float | None = None
+        self._excluded = 0.0
+
+    def start(self) -> None:
+        if self._last is None:
+            _sync()
+            self._last = time.perf_counter()
+
+    def lap(self) -> tuple[float, float]:
+        """(step time, excluded time) since the previous lap."""
+        _sync()
+        now = time.perf_counter()
+        lap = (now - self._last - self._excluded, self._excluded)
+        self._last, self._excluded = now, 0.0
+        return lap
+
+    @contextmanager
+    def excluded(self):
+        _sync()
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            _sync()
+            self._excluded += time.perf_counter() - started
+
+
 class StepRecorder(Callback):
     """Times each step between synchronized step ends, writes a steps.csv row, feeds the progress bar.
 
     The first ``timing_warmup`` steps of every process are flagged ``warmup`` (compilation, autotuning, allocator
     growth), not dropped. A non-finite loss stops the run with a clear message; what was logged stays."""
 
-    def __init__(self, log: StepLog | None, plan: Plan, lr: LRScheduler, timing_warmup: int, first_step: int):
-        self.step_log, self.plan, self.lr = log, plan, lr
+    def __init__(self, log: StepLog | None, plan: Plan, lr: LRScheduler, clock: StepClock, timing_warmup: int,
+                 first_step: int):
+        self.step_log, self.plan, self.lr, self.clock = log, plan, lr, clock
         self.timing_warmup = timing_warmup
         self.first_step = first_step
-        self._last: float | None = None
         self.first_step_s: float | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._last is None:
-            _sync()
-            self._last = time.perf_counter()
+        self.clock.start()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        _sync()
-        now = time.perf_counter()
-        elapsed, self._last = now - self._last, now
+        elapsed, checkpoint_s = self.clock.lap()
         step = trainer.global_step - 1
         if self.first_step_s is None:
             self.first_step_s = elapsed
@@ -293,7 +340,8 @@ class StepRecorder(Callback):
         if self.step_log is not None:
             self.step_log.append({"step": step, "tokens": (step + 1) * self.plan.tokens_per_step, "loss": loss,
                              "lr": self.lr.lr, "step_time_s": elapsed, "kt_per_s": kt_per_s,
-                             "warmup": int(step < self.first_step + self.timing_warmup)})
+                             "warmup": int(step < self.first_step + self.timing_warmup),
+                             "checkpoint_s": checkpoint_s})
         pl_module.log_dict({"loss": loss, "kt/s": kt_per_s}, prog_bar=True, on_step=True, logger=False)
 
 
@@ -336,10 +384,12 @@ class Checkpointer(Callback):
     """Checkpoints (weights + optimizer + loop state) every ``every`` steps and when Ctrl-C is pressed.
 
     The first Ctrl-C finishes the current step, checkpoints and stops; a second one interrupts at once.
-    ``last.json`` is written only after a checkpoint is complete, so a crash mid-save keeps the previous one."""
+    ``last.json`` is written only after a checkpoint is complete, so a crash mid-save keeps the previous one.
+    A step whose loss is not finite is never checkpointed (the recorder stops the run right after it). Writing
+    time is kept off the step clock; it runs before the recorder, so each step's row carries its own write time."""
 
-    def __init__(self, run_dir: RunDir, every: int):
-        self.run_dir, self.every = run_dir, every
+    def __init__(self, run_dir: RunDir, every: int, clock: StepClock):
+        self.run_dir, self.every, self.clock = run_dir, every, clock
         self.interrupted = False
         self._previous_handler = None
 
@@ -353,8 +403,11 @@ class Checkpointer(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
+        if not math.isfinite(float(pl_module.last_loss)):
+            return
         if self.interrupted or (self.every > 0 and step % self.every == 0):
-            self.save(trainer, step)
+            with self.clock.excluded():
+                self.save(trainer, step)
         if self.interrupted:
             trainer.should_stop = True
 
@@ -473,20 +526,35 @@ def _make_trainer(cfg: DictConfig, plan: Plan, schedule: LRSchedule, start_step:
     lr = LRScheduler(schedule)
     is_rank_zero = _is_launching_rank_zero()
     log = StepLog(plan.run_dir.steps_csv, start_step) if is_rank_zero else None
-    recorder = StepRecorder(log, plan, lr, int(cfg.trainer.timing_warmup_steps), start_step)
-    checkpointer = Checkpointer(plan.run_dir, int(cfg.trainer.ckpt_every))
-    callbacks = [lr, recorder, checkpointer]
+    clock = StepClock()
+    recorder = StepRecorder(log, plan, lr, clock, int(cfg.trainer.timing_warmup_steps), start_step)
+    checkpointer = Checkpointer(plan.run_dir, int(cfg.trainer.ckpt_every), clock)
+    callbacks = [lr, checkpointer, recorder]
     if int(cfg.trainer.profile_steps) > 0:
         first_timed = start_step + int(cfg.trainer.timing_warmup_steps)
         callbacks.append(StepProfiler(plan.run_dir, first_timed, int(cfg.trainer.profile_steps)))
+    refresh = int(cfg.trainer.progress_every)
+    if refresh > 0:
+        callbacks.append(progress_bar(refresh))
     trainer = L.Trainer(
         accelerator=plan.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
         strategy=make_strategy(plan),
         precision=plan.precision, max_steps=plan.max_steps, max_epochs=-1, gradient_clip_val=cfg.optim.grad_clip,
         logger=False, enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
-        use_distributed_sampler=False, callbacks=callbacks, log_every_n_steps=1,
+        use_distributed_sampler=False, callbacks=callbacks, log_every_n_steps=1, enable_progress_bar=refresh > 0,
     )
     return trainer, recorder, checkpointer, log
+
+
+def progress_bar(refresh_steps: int) -> Callback:
+    """Lightning's own choice of bar (Rich when installed), redrawn every ``refresh_steps`` steps: drawing costs host
+    time, which a launch-bound step pays in full."""
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    try:
+        return RichProgressBar(refresh_rate=refresh_steps)
+    except ModuleNotFoundError:
+        return TQDMProgressBar(refresh_rate=refresh_steps)
 
 
 def _is_launching_rank_zero() -> bool:

@@ -112,6 +112,12 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path):
     proc = run_harness([*SMALL, *steps], straight)
     assert proc.returncode == 0, proc.stderr[-2000:]
     reference = read_rows(next(straight.rglob("steps.csv")))
+    written = [int(r["step"]) for r in reference if float(r["checkpoint_s"]) > 0]
+    assert written == [3, 7, 11, 15], "each checkpoint write is timed apart, on the step it follows"
+    import json
+
+    summary = json.loads(next(straight.rglob("run.json")).read_text())["throughput"]
+    assert summary["checkpoint_s"] == pytest.approx(sum(float(r["checkpoint_s"]) for r in reference))
 
     resumed = tmp_path / "resumed"
     cmd = [sys.executable, "-m", "harness.run", f"results_dir={resumed}", *SMALL, *steps]

@@ -15,5 +15,6 @@ for arm in "$@"; do
     2>&1 | grep -vE "Warning|warn" | tail -4
 done
 cd "$STUDY_RESULTS" && tar czf "$OUT/study-results.tgz" --exclude=checkpoints --exclude=init ./study-*
-[ "${SAVE_TRITON_CACHE:-0}" = 1 ] && tar czf "$OUT/triton-cache.tgz" -C "$TRITON_CACHE_DIR" .
+# $OUT takes files up to 16 MiB: the xz'd cache of the study's FLA shapes is about 12 MiB.
+[ "${SAVE_TRITON_CACHE:-0}" = 1 ] && tar cf - -C "$TRITON_CACHE_DIR" . | xz -T16 -6 > "$OUT/triton-cache.tar.xz"
 ls -la "$OUT"
