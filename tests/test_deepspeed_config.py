@@ -42,14 +42,35 @@ def test_deepspeed_stage_names(name, stage):
     assert deepspeed_stage(name) == stage
 
 
-def test_step_clock_leaves_excluded_time_out():
-    clock = StepClock()
-    clock.start()
+def test_step_clock_cuts_excluded_time_out_between_steps():
+    clock = StepClock(cuda=False)
+    clock.begin()
     time.sleep(0.02)
     with clock.excluded():
         time.sleep(0.2)
-    step, excluded = clock.lap()
-    assert 0.015 < step < 0.15 and 0.2 <= excluded < 0.35
+    start, end, resume = clock.close_step()
+    assert 0.015 < clock.seconds(start, end) < 0.15
+    assert 0.2 <= clock.seconds(end, resume) < 0.35
     time.sleep(0.01)
-    step, excluded = clock.lap()
-    assert excluded == 0.0 and step < 0.1
+    start, end, resume = clock.close_step()
+    assert start is not None and end is resume and clock.seconds(start, end) < 0.1
+
+
+@pytest.mark.gpu
+def test_cuda_step_marks_tile_the_synchronized_wall_time():
+    import torch
+
+    x = torch.randn(2048, 2048, device="cuda")
+    clock = StepClock(cuda=True)
+    torch.cuda.synchronize()
+    wall = time.perf_counter()
+    clock.begin()
+    steps = []
+    for _ in range(20):
+        for _ in range(20):
+            x = torch.tanh(x @ x)
+        steps.append(clock.close_step())
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - wall
+    total = sum(clock.seconds(start, end) for start, end, _ in steps)
+    assert total == pytest.approx(wall, rel=0.05)

@@ -105,6 +105,25 @@ def test_gpu_impl_on_cpu_is_one_line(tmp_path):
     assert_one_line_error(proc, "rwkv", results)
 
 
+def test_diverging_run_stops_with_one_line_and_keeps_its_log(tmp_path):
+    results = tmp_path / "results"
+    diverge = ["optim.lr_init=1e30", "optim.lr_final=1e30", "optim.warmup_steps=0"]
+    proc = run_harness([*SMALL, *diverge, "trainer.max_steps=12", "trainer.ckpt_every=2", "trainer.num_workers=0"],
+                       results)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: loss became nan at step ")
+    bad_step = int(error.split("at step ")[1].split(";")[0])
+    run_dir = next(results.rglob("run.json")).parent
+    rows = read_rows(run_dir / "steps.csv")
+    assert [int(r["step"]) for r in rows] == list(range(bad_step))
+    assert all(np.isfinite(float(r["loss"])) for r in rows)
+    import json
+
+    assert json.loads((run_dir / "run.json").read_text())["status"].startswith("failed: NonFiniteLoss")
+    assert not (run_dir / "checkpoints").exists(), "a non-finite state must not be checkpointed"
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_losses(tmp_path):
     steps = ["trainer.max_steps=16", "trainer.ckpt_every=4", "trainer.num_workers=0"]
