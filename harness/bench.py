@@ -8,7 +8,7 @@ tokens; ``warmup`` steps, then ``steps`` timed steps between two ``torch.cuda.sy
 kt/s = tokens / wall time / 1000. One run appends one row to ``<out>/step.csv`` and the same row with the whole
 environment to ``<out>/step.jsonl``. With ``--profile`` it instead prints (and saves) the CUDA kernels that take the
 time of a few steps. Any ``impl=`` name of the registry works. Run from a copy of the tree without ``.git`` (a remote
-GPU box), the rows take the commit from $RWKV_GIT_COMMIT and the dirty flag from $RWKV_GIT_DIRTY.
+GPU box), name the commit with $RWKV_GIT_COMMIT and $RWKV_GIT_DIRTY (harness.env.git_state).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import csv
 import dataclasses
 import gc
 import json
-import os
 import re
 import time
 from collections.abc import Callable
@@ -151,8 +150,6 @@ def measure(cfg: StepConfig) -> dict[str, object]:
 def with_environment(row: dict[str, object], env: dict[str, object]) -> dict[str, object]:
     versions, git = env["versions"], env["git"]
     commit, dirty = git["commit"], git["dirty"]
-    if commit is None:  # a copy of the tree without .git (a remote GPU box): the caller may name the commit
-        commit, dirty = os.environ.get("RWKV_GIT_COMMIT"), os.environ.get("RWKV_GIT_DIRTY")
     return {**row, "timestamp": env["timestamp"], "gpu": env["gpu"], "torch": versions.get("torch"),
             "triton": versions.get("triton"), "fla": versions.get("fla-core"), "cuda": env["cuda"],
             "git_commit": commit, "git_dirty": dirty}

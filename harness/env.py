@@ -28,7 +28,14 @@ def package_versions() -> dict[str, str | None]:
 
 
 def git_state(root: Path = REPO_ROOT) -> dict[str, object]:
-    """Commit of the harness and whether the working tree had uncommitted changes."""
+    """Commit of the harness and whether the working tree had uncommitted changes.
+
+    ``$RWKV_GIT_COMMIT`` (and ``$RWKV_GIT_DIRTY``, 0/1) win over ``.git``: a copy of the tree on a remote GPU box may
+    carry no ``.git`` or a stale one (seen on the device: an older commit, reported dirty)."""
+    if os.environ.get("RWKV_GIT_COMMIT"):
+        dirty = os.environ.get("RWKV_GIT_DIRTY")
+        return {"commit": os.environ["RWKV_GIT_COMMIT"], "dirty": None if dirty in (None, "unknown") else dirty == "1"}
+
     def git(*args: str) -> str | None:
         try:
             out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)

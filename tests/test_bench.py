@@ -48,3 +48,15 @@ def test_kernel_report_sums_time_by_kind_of_work() -> None:
                ("void at::native::vectorized_elementwise_kernel<4, ...>", 900, 1000.0)]
     report = kernel_report(kernels, steps=1, wall_s=0.02)
     assert "wkv7 (time-mix recurrence)" in report and "matmul" in report and "50% GPU busy" in report
+
+
+def test_named_commit_wins_over_a_copied_git(monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness.env import git_state
+
+    monkeypatch.delenv("RWKV_GIT_COMMIT", raising=False)
+    assert git_state()["commit"] != "abc123"
+    monkeypatch.setenv("RWKV_GIT_COMMIT", "abc123")
+    monkeypatch.setenv("RWKV_GIT_DIRTY", "0")
+    assert git_state() == {"commit": "abc123", "dirty": False}
+    monkeypatch.setenv("RWKV_GIT_DIRTY", "unknown")
+    assert git_state() == {"commit": "abc123", "dirty": None}

@@ -2,11 +2,10 @@
 checked against a stand-in module."""
 
 import sys
+import time
 import types
 
 import pytest
-
-import time
 
 from harness.train import StepClock, deepspeed_bf16_config, deepspeed_stage
 
