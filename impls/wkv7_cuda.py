@@ -123,7 +123,10 @@ def _pad_time(x: torch.Tensor) -> torch.Tensor:
 
 
 class _WKV7ClampW(torch.autograd.Function):
+    # Under autocast (Lightning's bf16-mixed: fp32 weights) the inputs arrive in fp32: cast them to the kernel's bf16;
+    # autograd returns their gradients in the inputs' own dtype.
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.bfloat16)
     def forward(ctx, r, w, k, v, a, b):
         inputs = (r, w, k, v, a, b)
         _check_inputs(inputs)
@@ -136,6 +139,7 @@ class _WKV7ClampW(torch.autograd.Function):
         return y if y.shape[1] == length else y[:, :length].contiguous()
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
         *padded, s, sa = ctx.saved_tensors
         grads = torch.ops.rwkv_harness_wkv7.backward(*padded, _pad_time(dy.to(torch.bfloat16)), s, sa)

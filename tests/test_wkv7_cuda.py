@@ -68,6 +68,19 @@ def test_checkpoints_and_sa_hold_the_fp32_state() -> None:
     assert rel(sa[:, T - 1], sa_last) <= 1e-4
 
 
+@pytest.mark.gpu
+def test_autocast_casts_fp32_inputs_to_the_kernels_bf16() -> None:
+    bf16 = realistic_inputs(2, 64, 2, 64, seed=3)
+    fp32 = [x.float().requires_grad_() for x in bf16]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = wkv7_clampw(*fp32)
+    assert torch.equal(y, wkv7_clampw(*bf16))
+    y.float().sum().backward()
+    assert all(x.grad is not None and x.grad.dtype == torch.float32 for x in fp32)
+    with pytest.raises(ValueError, match="bf16"):
+        wkv7_clampw(*(x.detach() for x in fp32))
+
+
 def test_rejects_tensors_off_the_gpu() -> None:
     with pytest.raises(ValueError, match="CUDA"):
         wkv7_clampw(*realistic_inputs(1, 16, 1, 64, seed=0, device="cpu"))
