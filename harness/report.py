@@ -45,7 +45,7 @@ def load_runs(results_dir: Path) -> pd.DataFrame:
             experiment=run_json.parent.parent.name, run_id=run_json.parent.name,
             impl=config.get("impl", {}).get("name"), init=config.get("init", {}).get("mode"),
             bsz=config.get("bsz"), grouping=config.get("optim", {}).get("grouping"), seed=config.get("seed"),
-            gpu=_gpu_of(run), status=run.get("status"),
+            gpu=_gpu_of(run), status=run.get("status"), strategy=run.get("trainer", {}).get("strategy"),
         )
         frames.append(steps)
     if not frames:
@@ -109,6 +109,7 @@ def throughput_table(steps: pd.DataFrame) -> pd.DataFrame:
             "kt_s_median": float(timed["kt_per_s"].median()),
             "kt_s_iqr": filtered.iqr,
             "kt_s_aggregate": float(len(timed) * tokens_per_step / timed["step_time_s"].sum() / 1000),
+            "strategy": group["strategy"].iloc[0],
             "gpu": group["gpu"].iloc[0],
         })
     table = pd.DataFrame(rows)
@@ -119,12 +120,19 @@ def throughput_table(steps: pd.DataFrame) -> pd.DataFrame:
 
 
 def loss_table(steps: pd.DataFrame) -> pd.DataFrame:
+    """Per arm: the published metric over each run's own last steps, and the same metric over the last steps that
+    every run of the experiment reached (``common_steps``), so arms of unequal length compare at equal steps."""
+    common_end = steps.groupby(["experiment", "run_id"])["step"].max().groupby("experiment").min() + 1
     rows = []
     for arm, group in steps.groupby(ARM_KEYS, dropna=False, sort=True):
-        per_seed = [run.sort_values("step").tail(LAST_STEPS)["loss"].mean() for _, run in group.groupby("run_id")]
-        mean, half = mean_ci95(np.array(per_seed))
-        rows.append({**_arm(arm), "seeds": len(per_seed), "steps": int(group["step"].max()) + 1,
-                     f"loss_last{LAST_STEPS}": mean, "ci95": half})
+        runs = [run.sort_values("step") for _, run in group.groupby("run_id")]
+        mean, half = mean_ci95(np.array([run.tail(LAST_STEPS)["loss"].mean() for run in runs]))
+        end = int(common_end[arm[0]])
+        start = max(0, end - LAST_STEPS)
+        common = np.mean([run[(run["step"] >= start) & (run["step"] < end)]["loss"].mean() for run in runs])
+        rows.append({**_arm(arm), "seeds": len(runs), "steps": int(group["step"].max()) + 1,
+                     f"loss_last{LAST_STEPS}": mean, "ci95": half, "common_steps": f"{start}-{end - 1}",
+                     "loss_common": float(common)})
     return pd.DataFrame(rows)
 
 
@@ -150,7 +158,7 @@ def finish_figure(fig, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def plot_loss(steps: pd.DataFrame, path: Path, window: int = 25) -> None:
+def plot_loss(steps: pd.DataFrame, path: Path, title: str, window: int = 25) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -168,14 +176,14 @@ def plot_loss(steps: pd.DataFrame, path: Path, window: int = 25) -> None:
             band = f"rolling {window}-step mean ± std, 1 seed"
         ax.plot(tokens_m, mean, label=f"{label} ({band})", linewidth=1.2)
         ax.fill_between(tokens_m, mean - std, mean + std, alpha=0.2)
-    ax.set(title="Training loss", xlabel="tokens (millions)", ylabel="cross-entropy loss (nats/token)")
+    ax.set(title=title, xlabel="tokens (millions)", ylabel="cross-entropy loss (nats/token)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     _save(fig, path)
     plt.close(fig)
 
 
-def plot_throughput(steps: pd.DataFrame, path: Path) -> None:
+def plot_throughput(steps: pd.DataFrame, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -183,8 +191,7 @@ def plot_throughput(steps: pd.DataFrame, path: Path) -> None:
     timed["arm"] = timed.apply(_arm_label, axis=1)
     fig, ax = plt.subplots(figsize=(8, 0.6 + 0.5 * timed["arm"].nunique()))
     sns.boxplot(data=timed, x="kt_per_s", y="arm", ax=ax, whis=1.5, fliersize=2, order=sorted(timed["arm"].unique()))
-    ax.set(title="Per-step throughput (warm-up excluded; whiskers at 1.5 x IQR)", xlabel="kilo-tokens / s",
-           ylabel="")
+    ax.set(title=f"{title} (warm-up excluded; whiskers at 1.5 x IQR)", xlabel="kilo-tokens / s", ylabel="")
     ax.grid(alpha=0.3, axis="x")
     _save(fig, path)
     plt.close(fig)
@@ -223,7 +230,7 @@ def plot_loss_gap(steps: pd.DataFrame, path: Path, baseline: str, window: int = 
 
 
 def _fmt(value: object) -> str:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+    if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)):
         return "–"
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
@@ -264,17 +271,35 @@ def bench_markdown(table: pd.DataFrame | None) -> list[str]:
     ]
 
 
+def overhead_markdown(results_dir: Path) -> list[str]:
+    """What the trainer costs over the bare step, per strategy (scripts/device/trainer_overhead.sh)."""
+    path = results_dir / "bench" / "trainer_overhead.csv"
+    if not path.exists():
+        return []
+    table = pd.read_csv(path, dtype={"git_commit": str, "timed_steps": "Int64"})
+    table["git_commit"] = table["git_commit"].str[:8]
+    return [
+        "### Trainer overhead (harness training step vs the bare step, bsz 48, 30 timed steps)",
+        "From results/bench/trainer_overhead.csv (`scripts/device/trainer_overhead.sh`): the same model and data "
+        "through `harness.run` under each strategy; `vs_bare` divides by the bare step above. `step_sync`: how "
+        "step boundaries were timed.",
+        markdown_table(table),
+    ]
+
+
 def summary_markdown(throughput: pd.DataFrame, losses: pd.DataFrame, steps: pd.DataFrame,
-                     bench: pd.DataFrame | None = None) -> str:
+                     bench: pd.DataFrame | None = None, overhead: list[str] | None = None) -> str:
     gpus = ", ".join(sorted(steps["gpu"].dropna().unique()))
     return "\n\n".join([
         *bench_markdown(bench),
+        *(overhead or []),
         "### Throughput (kilo-tokens/s)",
         f"Per-step kt/s after the warm-up steps; `iqr_removed` steps fell outside Tukey's 1.5 x IQR fences. "
         f"`kt_s_aggregate` is total tokens / total synchronized step time over the same window. Hardware: {gpus}.",
         markdown_table(throughput),
         f"### Loss (mean over the last {LAST_STEPS} steps)",
-        "`ci95`: half-width of the 95% t-interval across seeds (– with one seed).",
+        "`ci95`: half-width of the 95% t-interval across seeds (– with one seed). `loss_common`: the same mean over "
+        "`common_steps`, the last steps that every run of the experiment reached.",
         markdown_table(losses),
     ]) + "\n"
 
@@ -309,14 +334,17 @@ def build_report(results_dir: Path, figures_dir: Path, experiments: list[str] | 
         steps = steps[steps["impl"].isin(impls)]
     if steps.empty:
         raise HarnessError("no runs match the --experiment/--impl filters")
-    figures_dir.mkdir(parents=True, exist_ok=True)
     throughput, losses = throughput_table(steps), loss_table(steps)
-    written = [figures_dir / "loss.png", figures_dir / "throughput.png"]
-    plot_loss(steps, written[0])
-    plot_throughput(steps, written[1])
-    if plot_loss_gap(steps, figures_dir / "loss_gap.png", baseline):
-        written.append(figures_dir / "loss_gap.png")
-    summary = summary_markdown(throughput, losses, steps, bench_table(results_dir))
+    written = []
+    for experiment, runs in steps.groupby("experiment", sort=True):
+        out = figures_dir / str(experiment)
+        out.mkdir(parents=True, exist_ok=True)
+        plot_loss(runs, out / "loss.png", title=f"Training loss: {experiment}")
+        plot_throughput(runs, out / "throughput.png", title=f"Per-step throughput: {experiment}")
+        written += [out / "loss.png", out / "throughput.png"]
+        if plot_loss_gap(runs, out / "loss_gap.png", baseline):
+            written.append(out / "loss_gap.png")
+    summary = summary_markdown(throughput, losses, steps, bench_table(results_dir), overhead_markdown(results_dir))
     (results_dir / "summary.md").write_text(summary)
     written.append(results_dir / "summary.md")
     if csv:

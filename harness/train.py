@@ -647,6 +647,7 @@ def _summarize(plan: Plan, model: RWKV, recorder: StepRecorder, setup_s: float) 
     peak = _peak_flops()
     kt = summary["kt_per_s"]
     summary.update(
+        step_timing="cuda_events" if plan.accelerator == "gpu" else "wall_clock",
         setup_s=setup_s,
         first_step_s=recorder.first_step_s,
         flops_per_token=flops_per_token,

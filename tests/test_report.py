@@ -47,16 +47,27 @@ def test_loss_table_ci_across_seeds():
     assert np.isnan(table.loc["fla", "ci95"]) or table.loc["fla", "ci95"] is None
 
 
+def test_loss_common_compares_arms_over_the_steps_all_reached():
+    steps = load_runs(FIXTURE)
+    steps = steps[~((steps["impl"] == "fla") & (steps["step"] >= 8))]  # fla stopped after 8 steps
+    table = loss_table(steps).set_index("impl")
+    assert (table.loc["fla", "steps"], table.loc["rwkv_jit", "common_steps"]) == (8, "0-7")
+    # rwkv_jit: loss = 10 - 0.5*step (+0.01 for seed 1) -> mean over steps 0..7 = 8.25 and 8.26
+    assert table.loc["rwkv_jit", "loss_common"] == pytest.approx(8.255)
+    assert table.loc["rwkv_jit", "loss_last200"] == pytest.approx(7.255)
+
+
 def _digests(paths):
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
 
 
 def test_report_end_to_end_is_byte_identical(tmp_path):
     results, figures = tmp_path / "results", tmp_path / "figures"
     shutil.copytree(FIXTURE, results)
     first = build_report(results, figures, csv=True)
-    names = {p.name for p in first}
-    assert {"loss.png", "throughput.png", "loss_gap.png", "summary.md", "summary_throughput.csv"} <= names
+    names = {str(p.relative_to(tmp_path)) for p in first}
+    assert {"figures/fixture-exp/loss.png", "figures/fixture-exp/throughput.png", "figures/fixture-exp/loss_gap.png",
+            "results/summary.md", "results/summary_throughput.csv"} <= names
     digests = _digests(first)
     second = build_report(results, figures, csv=True)
     assert _digests(second) == digests

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the device: what the trainer adds to the bare step (results/bench/step.csv), per strategy variant.
 # Same impl, batch and data through the harness, 50 steps each (10 flagged warm-up), no checkpoints; one row per
-# (impl, variant) in $OUT/overhead.csv, run records in $OUT/overhead-runs.tgz.
+# (impl, variant) in $OUT/trainer_overhead.csv; profiles of the PROFILE variant beside it.
 #   IMPLS="rwkv_jit fla" PROFILE=deepspeed_stage_2 bash scripts/device/trainer_overhead.sh
 set -uo pipefail
 source scripts/device/setup.sh
@@ -17,25 +17,38 @@ declare -A VARIANTS=(
   [plain_bf16_mixed]="trainer.strategy=single_device trainer.precision=bf16-mixed"
 )
 ORDER=${ORDER:-deepspeed_stage_2 ds2_no_progress_bar ds2_no_overlap ds2_no_overlap_no_contiguous deepspeed_stage_1 deepspeed_stage_0 plain_bf16_true plain_bf16_mixed}
-echo "impl,variant,status,timed_steps,kt_per_s,median_step_kt_per_s,first_step_s" > "$OUT/overhead.csv"
 for impl in $IMPLS; do
   for variant in $ORDER; do
     profile=0; [ "$variant" = "$PROFILE" ] && profile=3
     timeout -s INT 150 python3 -m harness.run impl=$impl trainer=gpu bsz=48 data=corpus trainer.max_steps=$STEPS \
       trainer.ckpt_every=0 trainer.profile_steps=$profile trainer.progress_every=10 ${VARIANTS[$variant]} \
       experiment=overhead/$variant results_dir=$STUDY_RESULTS overwrite=true 2>&1 | grep -E "^done|^error|Error" | tail -2
-    python3 - "$STUDY_RESULTS/overhead/$variant/$impl-shared-bsz48-seed0/run.json" "$impl" "$variant" >> "$OUT/overhead.csv" <<'PY'
-import json, sys
-path, impl, variant = sys.argv[1:]
-try:
-    r = json.load(open(path))
-except OSError:
-    print(f"{impl},{variant},no run.json,,,,"); sys.exit()
-t = r.get("throughput") or {}
-print(",".join(str(x) for x in (impl, variant, r.get("status", "").split(":")[0], t.get("timed_steps", ""),
-      t.get("kt_per_s", ""), t.get("median_step_kt_per_s", ""), t.get("first_step_s", ""))))
-PY
-    tail -1 "$OUT/overhead.csv"
   done
 done
-tar czf "$OUT/overhead-runs.tgz" -C "$STUDY_RESULTS" overhead
+# One tidy row per run, in the columns of results/bench/trainer_overhead.csv (append them there).
+python3 - "$STUDY_RESULTS/overhead" "$OUT/trainer_overhead.csv" <<'PY'
+import csv, json, sys
+from pathlib import Path
+runs, out = Path(sys.argv[1]), sys.argv[2]
+bare = {}
+for row in csv.DictReader(open("results/bench/step.csv")):
+    if row["bsz"] == "48":
+        bare[(row["impl"], row["gpu"])] = float(row["kt_per_s"])  # the file is in time order: the latest wins
+fields = ["impl", "variant", "status", "timed_steps", "kt_per_s", "median_step_kt_per_s", "bare_kt_per_s", "vs_bare",
+          "git_commit", "gpu", "step_sync"]
+with open(out, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    for path in sorted(runs.glob("*/*/run.json")):
+        r = json.loads(path.read_text())
+        t, env = r.get("throughput") or {}, r["environment"][-1]
+        kt, ref = t.get("kt_per_s"), bare.get((r["impl"]["name"], env["gpu"]))
+        writer.writerow({"impl": r["impl"]["name"], "variant": path.parent.parent.name,
+                         "status": r.get("status", "").split(":")[0], "timed_steps": t.get("timed_steps"),
+                         "kt_per_s": kt and round(kt, 2), "median_step_kt_per_s": kt and round(t["median_step_kt_per_s"], 2),
+                         "bare_kt_per_s": ref, "vs_bare": kt and ref and round(kt / ref, 3),
+                         "git_commit": env["git"]["commit"], "gpu": env["gpu"],
+                         "step_sync": t.get("step_timing", "synchronize")})
+PY
+cat "$OUT/trainer_overhead.csv"
+for d in "$STUDY_RESULTS"/overhead/*/*/; do [ -f "$d/profile.txt" ] && cp "$d/profile.txt" "$OUT/profile-$(basename "$(dirname "$d")")-$(basename "$d").txt"; done
