@@ -179,26 +179,32 @@ def _previous(module: nn.Module, x: torch.Tensor, last: torch.Tensor | None) -> 
 def rwkv_with_state(model: RWKV, idx: torch.Tensor, state: RWKVState | None, wkv: WKV,
                     key_major: bool) -> tuple[torch.Tensor, RWKVState]:
     """Logits of the last position (B, V) of tokens ``idx`` (B, T) continuing from ``state`` (None: a fresh
-    sequence), and the state after them. The same block math as :meth:`harness.model.Block.forward`."""
+    sequence), and the state after them: each block's own ``run`` around state-carrying time-mix and channel-mix."""
+    att_x, ffn_x, wkv_states = [], [], []
+
+    def time_mix(att: nn.Module, i: int) -> Callable:
+        def step(xa: torch.Tensor, v_first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            r, w, k, v, kk, a, g, v_first = att.project(
+                xa, _previous(att, xa, None if state is None else state.att_x[i]), v_first)
+            B, T, C = r.shape
+            heads = (B, T, att.n_head, att.head_size)
+            y, wkv_state = wkv(*(t.view(heads) for t in (r, w, k, v, kk, a)),
+                               None if state is None else state.wkv[i])
+            att_x.append(xa[:, -1].clone())
+            wkv_states.append(wkv_state)
+            return att.readout(y.reshape(B, T, C), r, k, v, g), v_first
+        return step
+
+    def channel_mix(ffn: nn.Module, i: int) -> Callable:
+        def step(xf: torch.Tensor) -> torch.Tensor:
+            ffn_x.append(xf[:, -1].clone())
+            return ffn.mix(xf, _previous(ffn, xf, None if state is None else state.ffn_x[i]))
+        return step
+
     x = model.emb(idx)
     v_first = x  # layer 0 ignores it and returns its own value projection
-    att_x, ffn_x, wkv_states = [], [], []
     for i, block in enumerate(model.blocks):
-        att = block.att
-        if block.layer_id == 0:
-            x = block.ln0(x)
-        xa = block.ln1(x)
-        r, w, k, v, kk, a, g, v_first = att.project(
-            xa, _previous(att, xa, None if state is None else state.att_x[i]), v_first)
-        B, T, C = r.shape
-        heads = (B, T, att.n_head, att.head_size)
-        y, wkv_state = wkv(*(t.view(heads) for t in (r, w, k, v, kk, a)), None if state is None else state.wkv[i])
-        x = x + att.readout(y.reshape(B, T, C), r, k, v, g)
-        xf = block.ln2(x)
-        x = x + block.ffn.mix(xf, _previous(block.ffn, xf, None if state is None else state.ffn_x[i]))
-        att_x.append(xa[:, -1].clone())
-        ffn_x.append(xf[:, -1].clone())
-        wkv_states.append(wkv_state)
+        x, v_first = block.run(x, v_first, time_mix(block.att, i), channel_mix(block.ffn, i))
     return model.head(model.ln_out(x[:, -1])), RWKVState(att_x, ffn_x, wkv_states, key_major)
 
 

@@ -6,6 +6,7 @@ inside it they are the implementation's own, reachable under canonical names thr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,11 +44,17 @@ class Block(nn.Module):
         self.ffn = impl.channel_mix(layer_id, cfg.n_layer, cfg.n_embd)
 
     def forward(self, x: torch.Tensor, v_first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.run(x, v_first, self.att, self.ffn)
+
+    def run(self, x: torch.Tensor, v_first: torch.Tensor, time_mix: Callable, channel_mix: Callable
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's norms and residuals around a time-mix ``(x, v_first) -> (out, v_first)`` and a channel-mix
+        ``x -> out``: its own modules in training, state-carrying steps of them when decoding."""
         if self.layer_id == 0:
             x = self.ln0(x)
-        out, v_first = self.att(self.ln1(x), v_first)
+        out, v_first = time_mix(self.ln1(x), v_first)
         x = x + out
-        x = x + self.ffn(self.ln2(x))
+        x = x + channel_mix(self.ln2(x))
         return x, v_first
 
 
