@@ -119,6 +119,23 @@ def free_memory(device: str) -> None:
         torch.cuda.empty_cache()
 
 
+def guarded_measurement(run: Callable[[], dict[str, object]], device: str, status_key: str = "status",
+                        reported: tuple[type[Exception], ...] = ()) -> dict[str, object]:
+    """One cell of a benchmark grid: ``run()``'s columns, or, when it runs out of memory, raises one of the
+    ``reported`` exceptions (its message) or fails in any other way, a status instead of the end of the grid.
+    Memory is handed back after every cell, so the next one starts from the same state."""
+    try:
+        return run()
+    except torch.OutOfMemoryError:
+        return {status_key: "oom"}
+    except reported as exc:
+        return {status_key: str(exc)}
+    except Exception as exc:  # one kernel or model failing at one shape must not cost the rest of the grid
+        return {status_key: f"error ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"}
+    finally:
+        free_memory(device)
+
+
 def measure(cfg: StepConfig) -> dict[str, object]:
     """Time ``cfg.steps`` training steps after ``cfg.warmup``; the result row without environment fields."""
     model, optimizer, idx, targets = build(cfg)

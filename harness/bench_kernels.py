@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from harness.bench import free_memory, parse_overrides, synchronize, with_environment
+from harness.bench import free_memory, guarded_measurement, parse_overrides, synchronize, with_environment
 from harness.env import environment
 from harness.errors import HarnessError
 from harness.results import csv_cells, read_bench_csv
@@ -331,19 +331,6 @@ def measure(op: Op, inputs: list[torch.Tensor], mode: str, dy: torch.Tensor, cfg
             "peak_mem_gib": peak_memory_gib(call, cfg.device)}
 
 
-def _guarded(run: Callable[[], dict[str, object]], device: str, status_key: str) -> dict[str, object]:
-    """Run one measurement; an OOM or any other failure becomes a status instead of ending the grid."""
-    try:
-        return run()
-    except torch.OutOfMemoryError:
-        result: dict[str, object] = {status_key: "oom"}
-    except Exception as exc:  # a kernel that fails on one shape must not cost the rest of the grid
-        message = " ".join(str(exc).split())[:200]
-        result = {status_key: f"error ({type(exc).__name__}: {message})"}
-    free_memory(device)
-    return result
-
-
 # --- accuracy -----------------------------------------------------------------------------------------------
 
 
@@ -373,11 +360,12 @@ class Accuracy:
         allowed = [k for k in self.kernels if k.max_T is None or T <= k.max_T]
         inputs = realistic_wkv_inputs(B, T, H, N, seed=self.cfg.seed + 1, device=device)
         dy = upstream_grad(inputs[0], self.cfg.seed + 1)
-        reference = _guarded(lambda: {"ref": fp64_reference(inputs, dy)}, device, "acc_status")
+        reference = guarded_measurement(lambda: {"ref": fp64_reference(inputs, dy)}, device, "acc_status")
         if "ref" not in reference:
             return {k.name: {"acc_status": f"fp64 reference: {reference['acc_status']}"} for k in allowed}
         y_ref, grads_ref = reference.pop("ref")
-        return {k.name: _guarded(partial(self._errors, k, inputs, dy, y_ref, grads_ref), device, "acc_status")
+        return {k.name: guarded_measurement(partial(self._errors, k, inputs, dy, y_ref, grads_ref), device,
+                                            "acc_status")
                 for k in allowed}
 
     def _errors(self, kernel: Kernel, *args: object) -> dict[str, object]:
@@ -437,7 +425,7 @@ def time_case(kernel: Kernel, op: Op, mode: str, shape: ShapeInputs, blocked: di
     if reason is not None:
         return {"status": reason}
     inputs, dy = shape.get()
-    result = _guarded(partial(measure, op, kernel_inputs(kernel, inputs), mode, dy, cfg), cfg.device, "status")
+    result = guarded_measurement(partial(measure, op, kernel_inputs(kernel, inputs), mode, dy, cfg), cfg.device)
     if result["status"] != "ok":
         blocked[(kernel.name, mode, shape.B, shape.H)] = f"skipped ({str(result['status']).split()[0]} at T={shape.T})"
     elif result.get("median_ms"):

@@ -51,6 +51,7 @@ import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -61,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import impls
-from harness.bench import free_memory, parse_overrides, synchronize, with_environment
+from harness.bench import guarded_measurement, parse_overrides, synchronize, with_environment
 from harness.bench_kernels import device_label, log_decay
 from harness.env import environment
 from harness.errors import HarnessError
@@ -663,21 +664,6 @@ def measure(decoder: Decoder, batch: int, length: int, cfg: InferenceConfig) -> 
     }
 
 
-def _guarded(decoder: Decoder, batch: int, length: int, cfg: InferenceConfig) -> dict[str, object]:
-    """:func:`measure`, with an out-of-memory error, a too-slow prefill or any failure as the row's status."""
-    try:
-        return measure(decoder, batch, length, cfg)
-    except torch.OutOfMemoryError:
-        result: dict[str, object] = {"status": "oom"}
-    except TooSlow as exc:
-        result = {"status": str(exc)}
-    except Exception as exc:  # one model failing at one shape must not cost the rest of the grid
-        result = {"status": f"error ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"}
-    finally:
-        free_memory(cfg.device)
-    return result
-
-
 def _progress(row: dict[str, object], elapsed_s: float) -> str:
     head = f"[{elapsed_s:6.0f}s] {row['model']:<11} {row['impl']:<9} B={row['batch']:<3} L={row['L']:<6}"
     if row["status"] != "ok":
@@ -696,7 +682,8 @@ def warm_start(decoders: list[Decoder], cfg: InferenceConfig) -> dict[tuple[str,
     blocked = {}
     for decoder in decoders:
         begin = time.perf_counter()
-        status = _guarded(decoder, 1, min(cfg.lengths), small)["status"]
+        status = guarded_measurement(partial(measure, decoder, 1, min(cfg.lengths), small), cfg.device,
+                                     reported=(TooSlow,))["status"]
         print(f"warm start {decoder.model_name}/{decoder.impl}: {time.perf_counter() - begin:.1f} s, {status}",
               flush=True)
         if status != "ok":
@@ -730,7 +717,8 @@ def run_grid(cfg: InferenceConfig, csv_path: Path) -> pd.DataFrame:
                     elif key in blocked:
                         row["status"] = blocked[key]
                     else:
-                        row |= _guarded(decoder, batch, length, cfg)
+                        row |= guarded_measurement(partial(measure, decoder, batch, length, cfg), cfg.device,
+                                                  reported=(TooSlow,))
                         if row["status"] != "ok":
                             blocked[key] = f"skipped ({str(row['status']).split()[0]} at L={length})"
                     rows.append(csv_cells(row, FIELDS))

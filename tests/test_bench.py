@@ -60,3 +60,24 @@ def test_named_commit_wins_over_a_copied_git(monkeypatch: pytest.MonkeyPatch) ->
     assert git_state() == {"commit": "abc123", "dirty": False}
     monkeypatch.setenv("RWKV_GIT_DIRTY", "unknown")
     assert git_state() == {"commit": "abc123", "dirty": None}
+
+
+def test_a_failing_grid_cell_becomes_its_status() -> None:
+    import torch
+
+    from harness.bench import guarded_measurement
+
+    class TooSlow(Exception):
+        pass
+
+    def raising(exc: Exception):
+        def run():
+            raise exc
+        return run
+
+    assert guarded_measurement(lambda: {"status": "ok", "ms": 1.0}, "cpu") == {"status": "ok", "ms": 1.0}
+    assert guarded_measurement(raising(torch.OutOfMemoryError("x")), "cpu", "acc_status") == {"acc_status": "oom"}
+    assert guarded_measurement(raising(TooSlow("too_slow (3 s)")), "cpu", reported=(TooSlow,)) == {
+        "status": "too_slow (3 s)"}
+    assert guarded_measurement(raising(RuntimeError("bad\n  shape")), "cpu") == {
+        "status": "error (RuntimeError: bad shape)"}
