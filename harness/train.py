@@ -340,7 +340,8 @@ class _EndedStep:
 
 class StepRecorder(Callback):
     """Times each step with the ``StepClock``, writes its steps.csv row one step later (when the GPU is surely past
-    it, so reading it never stalls), feeds the progress bar.
+    it, so reading it never stalls), feeds the progress bar. Nothing goes through ``LightningModule.log``: it turns
+    each float into a GPU tensor with a blocking copy, a synchronize per step in disguise.
 
     The first ``timing_warmup`` steps of every process are flagged ``warmup`` (compilation, autotuning, allocator
     growth), not dropped. A non-finite loss stops the run with a clear message; what was logged stays."""
@@ -351,6 +352,7 @@ class StepRecorder(Callback):
         self.timing_warmup = timing_warmup
         self.first_step = first_step
         self.first_step_s: float | None = None
+        self.shown: dict[str, str] = {}  # the last written row, for the progress bar
         self._ended: list[_EndedStep] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -362,8 +364,7 @@ class StepRecorder(Callback):
                                       self._read_later(pl_module.last_loss), self.lr.lr))
         row = self._write(keep=1)
         if row is not None:
-            pl_module.log_dict({"loss": row["loss"], "kt/s": row["kt_per_s"]}, prog_bar=True, on_step=True,
-                               logger=False)
+            self.shown = {"loss": f"{row['loss']:.3f}", "kt/s": f"{row['kt_per_s']:.1f}"}
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._write(keep=0)
@@ -590,7 +591,7 @@ def _make_trainer(cfg: DictConfig, plan: Plan, schedule: LRSchedule, start_step:
         callbacks.append(StepProfiler(plan.run_dir, first_timed, int(cfg.trainer.profile_steps)))
     refresh = int(cfg.trainer.progress_every)
     if refresh > 0:
-        callbacks.append(progress_bar(refresh))
+        callbacks.append(progress_bar(refresh, recorder))
     trainer = L.Trainer(
         accelerator=plan.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
         strategy=make_strategy(plan),
@@ -601,15 +602,29 @@ def _make_trainer(cfg: DictConfig, plan: Plan, schedule: LRSchedule, start_step:
     return trainer, recorder, checkpointer, log
 
 
-def progress_bar(refresh_steps: int) -> Callback:
+class _ShowsLastRow:
+    """Progress-bar mix-in: shows the recorder's last row beside Lightning's own items."""
+
+    recorder: StepRecorder
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        return {**super().get_metrics(trainer, pl_module), **self.recorder.shown}
+
+
+def progress_bar(refresh_steps: int, recorder: StepRecorder) -> Callback:
     """Lightning's own choice of bar (Rich when installed), redrawn every ``refresh_steps`` steps: drawing costs host
     time, which a launch-bound step pays in full."""
     from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
     try:
-        return RichProgressBar(refresh_rate=refresh_steps)
+        import rich  # noqa: F401
+
+        base = RichProgressBar
     except ModuleNotFoundError:
-        return TQDMProgressBar(refresh_rate=refresh_steps)
+        base = TQDMProgressBar
+    bar = type("StepProgressBar", (_ShowsLastRow, base), {})(refresh_rate=refresh_steps)
+    bar.recorder = recorder
+    return bar
 
 
 def _is_launching_rank_zero() -> bool:
