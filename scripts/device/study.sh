@@ -14,7 +14,11 @@ for arm in "$@"; do
     bsz=$BSZ trainer.max_steps=$STEPS trainer.ckpt_every=100 results_dir=$STUDY_RESULTS ${EXTRA:-} \
     2>&1 | grep -vE "Warning|warn" | tail -4
 done
-cd "$STUDY_RESULTS" && tar czf "$OUT/study-results.tgz" --exclude=checkpoints --exclude=init ./study-*
+# Logs only (no checkpoints or init files), with the machine's results folder written as results/ in the records.
+rm -rf /tmp/study-out && mkdir -p /tmp/study-out
+(cd "$STUDY_RESULTS" && tar cf - --exclude=checkpoints --exclude=init ./study-*) | tar xf - -C /tmp/study-out
+sed -i "s#$STUDY_RESULTS#results#g" /tmp/study-out/*/*/run.json
+tar czf "$OUT/study-results.tgz" -C /tmp/study-out .
 # $OUT takes files up to 16 MiB: the xz'd cache of the study's FLA shapes is about 12 MiB.
 [ "${SAVE_TRITON_CACHE:-0}" = 1 ] && tar cf - -C "$TRITON_CACHE_DIR" . | xz -T16 -6 > "$OUT/triton-cache.tar.xz"
 ls -la "$OUT"
