@@ -15,7 +15,7 @@ import shutil
 import signal
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -370,7 +370,9 @@ class StepRecorder(Callback):
         self._write(keep=0)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if not isinstance(exception, NonFiniteLoss):
+        if isinstance(exception, NonFiniteLoss):
+            return
+        with suppress(Exception):  # best effort: a broken GPU must not hide the exception that stopped the run
             self._write(keep=0)
 
     def _read_later(self, loss: torch.Tensor) -> torch.Tensor:
