@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the device (run tool, kind nvidia-h100-x1, carry [".whl"]): the decoding benchmark (issue 8) and its GPU tests
+# On the device (run tool, kind nvidia-h100-x1, carry [".whl", ".device"]): the decoding benchmark (issue 8) and its GPU tests
 # in one call that ends inside TOTAL_S (default 480 s, installs included):
 #   RWKV_GIT_COMMIT=<sha> RWKV_GIT_DIRTY=0 bash scripts/device/inference.sh [bench] [tests]   (default: both)
 # Grid: L12-D768, vocab 65536, bf16; RWKV-7 with impl rwkv (CUDA-kernel prefill, reference single-step decode) and
@@ -9,10 +9,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 start=$(date +%s)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site || exit 1
-export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0
-export RWKV_GIT_COMMIT=${RWKV_GIT_COMMIT:-unknown} RWKV_GIT_DIRTY=${RWKV_GIT_DIRTY:-unknown}
+source scripts/device/setup.sh
 OUT=${OUT:-results/bench/device-inference}
 mkdir -p "$OUT"
 TOTAL_S=${TOTAL_S:-480}; BENCH_BUDGET_S=${BENCH_BUDGET_S:-300}; TESTS_S=${TESTS_S:-120}
@@ -35,4 +32,5 @@ parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(bench tests)
     echo "=== $part exit $? after $(( $(date +%s) - start )) s"
   done
 } 2>&1 | grep --line-buffered -v "According to Bo" | tee "$OUT/inference.log"
+[ "${SAVE_TRITON_CACHE:-0}" = 1 ] && tar cf - -C "$TRITON_CACHE_DIR" . | xz -T16 -6 > "$OUT/triton-cache.tar.xz"
 ls -la "$OUT"

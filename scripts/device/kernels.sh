@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the device (run tool, kind nvidia-h100-x1, carry [".whl", ".whl-tf"]): the WKV-op benchmark grid, the
+# On the device (run tool, kind nvidia-h100-x1, carry [".whl", ".device"]): the WKV-op benchmark grid, the
 # FLA-vs-RWKV parity report and the GPU tests of both, in one call of at most 10 minutes:
 #   RWKV_GIT_COMMIT=<sha> bash scripts/device/kernels.sh [grid] [parity] [tests]   (default: all three, in order)
 # Back under $OUT (8 files at most): kernels.{csv,md,png}, fla-bf16_vs_rwkv_jit-bf16.{csv,md,png}, kernels.log.
@@ -35,4 +35,6 @@ parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(grid parity tests)
     echo "=== $part exit $? after $(( $(date +%s) - start )) s"
   done
 } 2>&1 | grep --line-buffered -v "According to Bo" | tee "$OUT/kernels.log"
+# SAVE_TRITON_CACHE=1: the Triton cache (FLA's autotune choices for these shapes too) as the 8th file.
+[ "${SAVE_TRITON_CACHE:-0}" = 1 ] && tar cf - -C "$TRITON_CACHE_DIR" . | xz -T16 -6 > "$OUT/triton-cache.tar.xz"
 ls -la "$OUT"
