@@ -35,6 +35,5 @@ parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(grid parity tests)
     echo "=== $part exit $? after $(( $(date +%s) - start )) s"
   done
 } 2>&1 | grep --line-buffered -v "According to Bo" | tee "$OUT/kernels.log"
-# SAVE_TRITON_CACHE=1: the Triton cache (FLA's autotune choices for these shapes too) as the 8th file.
-[ "${SAVE_TRITON_CACHE:-0}" = 1 ] && tar cf - -C "$TRITON_CACHE_DIR" . | xz -T16 -6 > "$OUT/triton-cache.tar.xz"
+save_triton_cache
 ls -la "$OUT"

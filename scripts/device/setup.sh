@@ -8,12 +8,17 @@ export RWKV_GIT_COMMIT=${RWKV_GIT_COMMIT:-unknown} RWKV_GIT_DIRTY=${RWKV_GIT_DIR
 # Results live outside the synced tree so that they survive between calls while the machine stays warm.
 export STUDY_RESULTS=/root/study-results
 # FLA caches its autotune choices in Triton's cache (FLA_CACHE_RESULTS=1): a cache carried from an earlier machine
-# (.device/triton-cache.tar.xz, made by `SAVE_TRITON_CACHE=1 study.sh`) spares the ~7-minute cold autotune.
+# (.device/triton-cache.tar.xz.part-*, from SAVE_TRITON_CACHE=1) spares the ~7-minute cold autotune.
 export TRITON_CACHE_DIR=/root/triton-cache
 mkdir -p data "$STUDY_RESULTS" "$TRITON_CACHE_DIR"
-if [ -f .device/triton-cache.tar.xz ] && [ -z "$(ls -A "$TRITON_CACHE_DIR")" ]; then
-  tar xJf .device/triton-cache.tar.xz -C "$TRITON_CACHE_DIR"
+if compgen -G ".device/triton-cache.tar.xz.part-*" > /dev/null && [ -z "$(ls -A "$TRITON_CACHE_DIR")" ]; then
+  cat .device/triton-cache.tar.xz.part-* | tar xJf - -C "$TRITON_CACHE_DIR"
 fi
+# With SAVE_TRITON_CACHE=1: the cache into $OUT in parts under its 16 MiB file limit (copy them to .device/ here).
+save_triton_cache() {
+  [ "${SAVE_TRITON_CACHE:-0}" = 1 ] || return 0
+  tar cf - -C "$TRITON_CACHE_DIR" . | xz -T16 -6 | split -b 15M - "$OUT/triton-cache.tar.xz.part-"
+}
 if [ -f .device/corpus.bin.xz ] && [ ! -f data/corpus.bin ]; then
   xz -d -T8 -c .device/corpus.bin.xz > data/corpus.bin
   cp .device/corpus.idx data/

@@ -19,6 +19,5 @@ rm -rf /tmp/study-out && mkdir -p /tmp/study-out
 (cd "$STUDY_RESULTS" && tar cf - --exclude=checkpoints --exclude=init ./study-*) | tar xf - -C /tmp/study-out
 sed -i "s#$STUDY_RESULTS#results#g" /tmp/study-out/*/*/run.json
 tar czf "$OUT/study-results.tgz" -C /tmp/study-out .
-# $OUT takes files up to 16 MiB: the xz'd cache of the study's FLA shapes is about 12 MiB.
-[ "${SAVE_TRITON_CACHE:-0}" = 1 ] && tar cf - -C "$TRITON_CACHE_DIR" . | xz -T16 -6 > "$OUT/triton-cache.tar.xz"
+save_triton_cache
 ls -la "$OUT"
