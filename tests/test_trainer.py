@@ -73,3 +73,22 @@ def test_cuda_step_marks_tile_the_synchronized_wall_time():
     wall = time.perf_counter() - wall
     total = sum(clock.seconds(start, end) for start, end, _ in steps)
     assert total == pytest.approx(wall, rel=0.05)
+
+
+@pytest.mark.gpu
+def test_cuda_marks_and_later_reads_never_synchronize():
+    import torch
+
+    clock = StepClock(cuda=True)
+    x = torch.randn(1024, 1024, device="cuda")
+    clock.begin()
+    ended = []
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing call raises
+    try:
+        for i in range(5):
+            x = torch.tanh(x @ x)
+            ended.append((clock.read_later(x.sum() * 0 + i), clock.close_step()))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert [read() for read, _ in ended] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert all(clock.seconds(start, end) > 0 for _, (start, end, _) in ended)
