@@ -15,6 +15,7 @@ import shutil
 import signal
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from impls.base import Implementation
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 # Keys that may change between a run and its resumption without changing what is computed.
 RESUME_NEUTRAL_KEYS = ("trainer.ckpt_every", "trainer.num_workers", "trainer.profile_steps", "trainer.progress_every",
-                       "overwrite")
+                       "trainer.sync_debug_steps", "overwrite")
 
 
 class NonFiniteLoss(HarnessError):
@@ -98,6 +99,8 @@ def plan_run(cfg: DictConfig) -> Plan:
         raise HarnessError(f"trainer.max_steps must be positive, got {cfg.trainer.max_steps}")
     impl = resolve_impl(cfg.impl)
     accelerator = _accelerator(cfg.trainer.accelerator)
+    if int(cfg.trainer.sync_debug_steps) > 0 and accelerator != "gpu":
+        raise HarnessError("trainer.sync_debug_steps counts CUDA synchronizations and needs trainer.accelerator=gpu")
     if impl.needs_cuda and accelerator != "gpu":
         raise HarnessError(f"impl {impl.name!r} needs a CUDA GPU and none is available; on a CPU use impl=reference")
     try:
@@ -448,6 +451,51 @@ class StepProfiler(Callback):
         self._profiler = None
 
 
+class SyncCounter(Callback):
+    """Counts the synchronizing CUDA calls (torch's sync debug mode) of ``steps`` steps right after the timing
+    warm-up, and the Python lines they come from, into ``run.json``'s ``host_syncs``: a step that synchronizes
+    cannot overlap the host's work with the GPU's, which is what a launch-bound step needs."""
+
+    MESSAGE = "synchronizing CUDA operation"
+
+    def __init__(self, run_dir: RunDir, start_step: int, steps: int):
+        self.run_dir, self.start_step, self.steps = run_dir, start_step, steps
+        self._catcher: warnings.catch_warnings | None = None
+        self._caught: list[warnings.WarningMessage] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.start_step:
+            self._catcher = warnings.catch_warnings(record=True)
+            self._caught = self._catcher.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._catcher is None or trainer.global_step < self.start_step + self.steps:
+            return
+        self._stop()
+        syncs = [w for w in self._caught if self.MESSAGE in str(w.message)]
+        sources = Counter(f"{portable_path(Path(w.filename))}:{w.lineno}" for w in syncs)
+        if trainer.is_global_zero:
+            self.run_dir.update_run_json(host_syncs={
+                "steps": [self.start_step, self.start_step + self.steps - 1],
+                "per_step": len(syncs) / self.steps,
+                "sources": dict(sources.most_common(20)),
+            })
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._stop()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        if self._catcher is not None:
+            torch.cuda.set_sync_debug_mode(0)
+            self._catcher.__exit__(None, None, None)
+            self._catcher = None
+
+
 class Checkpointer(Callback):
     """Checkpoints (weights + optimizer + loop state) every ``every`` steps and when Ctrl-C is pressed.
 
@@ -600,6 +648,9 @@ def _make_trainer(cfg: DictConfig, plan: Plan, schedule: LRSchedule, start_step:
     if int(cfg.trainer.profile_steps) > 0:
         first_timed = start_step + int(cfg.trainer.timing_warmup_steps)
         callbacks.append(StepProfiler(plan.run_dir, first_timed, int(cfg.trainer.profile_steps)))
+    if int(cfg.trainer.sync_debug_steps) > 0:
+        first_timed = start_step + int(cfg.trainer.timing_warmup_steps)
+        callbacks.append(SyncCounter(plan.run_dir, first_timed, int(cfg.trainer.sync_debug_steps)))
     refresh = int(cfg.trainer.progress_every)
     if refresh > 0:
         callbacks.append(progress_bar(refresh, recorder))

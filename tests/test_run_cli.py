@@ -69,6 +69,7 @@ def test_main_job_tiny_reference_run_learns(tmp_path):
     (["bsz=-3"], "bsz must be a positive integer"),
     (["data.path=/nonexistent/corpus"], "/nonexistent/corpus"),
     (["data=minipile", "data.path=/nonexistent/minipile"], "BlinkDL/minipile-tokenized"),
+    (["trainer=cpu", "trainer.sync_debug_steps=2"], "needs trainer.accelerator=gpu"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, fragment):
     results = tmp_path / "results"
@@ -160,6 +161,19 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path):
 
     again = run_harness([*SMALL, *steps], resumed)
     assert again.returncode == 0 and "already complete" in again.stdout
+
+
+@pytest.mark.gpu
+def test_the_harness_itself_never_synchronizes_in_a_step(tmp_path):
+    import json
+
+    results = tmp_path / "results"
+    proc = run_harness([*SMALL, "trainer=gpu", "trainer.strategy=single_device", "trainer.precision=bf16-true",
+                        "trainer.max_steps=16", "trainer.sync_debug_steps=4", "trainer.ckpt_every=0"], results)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    syncs = json.loads(next(results.rglob("run.json")).read_text())["host_syncs"]
+    assert syncs["steps"] == [10, 13] and syncs["per_step"] >= 0
+    assert not [source for source in syncs["sources"] if "harness/" in source], syncs
 
 
 def test_profile_steps_writes_a_profile_of_the_real_run(tmp_path):

@@ -6,6 +6,7 @@
 set -uo pipefail
 source scripts/device/setup.sh
 IMPLS=${IMPLS:-rwkv_jit fla}; STEPS=${STEPS:-50}; PROFILE=${PROFILE:-}
+SYNC_STEPS=${SYNC_STEPS:-0}  # >0: count synchronizing CUDA calls in that many steps (run.json host_syncs)
 declare -A VARIANTS=(
   [deepspeed_stage_2]="trainer.strategy=deepspeed_stage_2"
   [ds2_no_overlap]="trainer.strategy=deepspeed_stage_2 trainer.deepspeed.overlap_comm=false"
@@ -21,7 +22,8 @@ for impl in $IMPLS; do
   for variant in $ORDER; do
     profile=0; [ "$variant" = "$PROFILE" ] && profile=3
     timeout -s INT 150 python3 -m harness.run impl=$impl trainer=gpu bsz=48 data=corpus trainer.max_steps=$STEPS \
-      trainer.ckpt_every=0 trainer.profile_steps=$profile trainer.progress_every=10 ${VARIANTS[$variant]} \
+      trainer.ckpt_every=0 trainer.profile_steps=$profile trainer.progress_every=10 trainer.sync_debug_steps=$SYNC_STEPS \
+      ${VARIANTS[$variant]} \
       experiment=overhead/$variant results_dir=$STUDY_RESULTS overwrite=true 2>&1 | grep -E "^done|^error|Error" | tail -2
   done
 done
@@ -35,7 +37,7 @@ for row in csv.DictReader(open("results/bench/step.csv")):
     if row["bsz"] == "48":
         bare[(row["impl"], row["gpu"])] = float(row["kt_per_s"])  # the file is in time order: the latest wins
 fields = ["impl", "variant", "status", "timed_steps", "kt_per_s", "median_step_kt_per_s", "bare_kt_per_s", "vs_bare",
-          "git_commit", "gpu", "step_sync"]
+          "git_commit", "gpu", "step_sync", "host_syncs_per_step"]
 with open(out, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=fields)
     writer.writeheader()
@@ -48,7 +50,8 @@ with open(out, "w", newline="") as f:
                          "kt_per_s": kt and round(kt, 2), "median_step_kt_per_s": kt and round(t["median_step_kt_per_s"], 2),
                          "bare_kt_per_s": ref, "vs_bare": kt and ref and round(kt / ref, 3),
                          "git_commit": env["git"]["commit"], "gpu": env["gpu"],
-                         "step_sync": t.get("step_timing", "synchronize")})
+                         "step_sync": t.get("step_timing", "synchronize"),
+                         "host_syncs_per_step": (r.get("host_syncs") or {}).get("per_step")})
 PY
 cat "$OUT/trainer_overhead.csv"
 for d in "$STUDY_RESULTS"/overhead/*/*/; do [ -f "$d/profile.txt" ] && cp "$d/profile.txt" "$OUT/profile-$(basename "$(dirname "$d")")-$(basename "$d").txt"; done
