@@ -7,7 +7,8 @@ import types
 
 import pytest
 
-from harness.train import StepClock, deepspeed_bf16_config, deepspeed_stage
+from harness.callbacks import StepClock
+from harness.train import deepspeed_bf16_config, deepspeed_stage
 
 
 def fake_deepspeed(monkeypatch: pytest.MonkeyPatch, fields: dict) -> None:
