@@ -260,6 +260,16 @@ def bench_table(results_dir: Path) -> pd.DataFrame | None:
     return table.sort_values(["gpu", "bsz", "impl"], ascending=[True, False, True]).reset_index(drop=True)
 
 
+def with_bare_ratio(throughput: pd.DataFrame, bench: pd.DataFrame | None) -> pd.DataFrame:
+    """``vs_bare``: a training run's aggregate kt/s over the bare step of the same impl and bsz on the same GPU."""
+    if bench is None or throughput.empty:
+        return throughput.assign(vs_bare=np.nan)
+    bare = bench[["gpu", "impl", "bsz", "kt_per_s"]].rename(columns={"kt_per_s": "bare_kt_s"})
+    merged = throughput.merge(bare, on=["gpu", "impl", "bsz"], how="left")
+    merged["vs_bare"] = merged["kt_s_aggregate"] / merged["bare_kt_s"]
+    return merged.drop(columns="bare_kt_s")
+
+
 def bench_markdown(table: pd.DataFrame | None) -> list[str]:
     if table is None or table.empty:
         return []
@@ -295,7 +305,9 @@ def summary_markdown(throughput: pd.DataFrame, losses: pd.DataFrame, steps: pd.D
         *(overhead or []),
         "### Throughput (kilo-tokens/s)",
         f"Per-step kt/s after the warm-up steps; `iqr_removed` steps fell outside Tukey's 1.5 x IQR fences. "
-        f"`kt_s_aggregate` is total tokens / total synchronized step time over the same window. Hardware: {gpus}.",
+        f"`kt_s_aggregate` is total tokens / total step time over the same window (checkpoint writes left out in runs "
+        f"whose steps.csv has `checkpoint_s`); "
+        f"`vs_bare` divides it by the bare step of the same impl and bsz on the same GPU. Hardware: {gpus}.",
         markdown_table(throughput),
         f"### Loss (mean over the last {LAST_STEPS} steps)",
         "`ci95`: half-width of the 95% t-interval across seeds (– with one seed). `loss_common`: the same mean over "
@@ -344,7 +356,9 @@ def build_report(results_dir: Path, figures_dir: Path, experiments: list[str] | 
         written += [out / "loss.png", out / "throughput.png"]
         if plot_loss_gap(runs, out / "loss_gap.png", baseline):
             written.append(out / "loss_gap.png")
-    summary = summary_markdown(throughput, losses, steps, bench_table(results_dir), overhead_markdown(results_dir))
+    bench = bench_table(results_dir)
+    throughput = with_bare_ratio(throughput, bench)
+    summary = summary_markdown(throughput, losses, steps, bench, overhead_markdown(results_dir))
     (results_dir / "summary.md").write_text(summary)
     written.append(results_dir / "summary.md")
     if csv:

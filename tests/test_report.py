@@ -9,7 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.report import build_report, load_runs, loss_table, mean_ci95, throughput_table, tukey_filter
+from harness.report import (
+    build_report,
+    load_runs,
+    loss_table,
+    mean_ci95,
+    throughput_table,
+    tukey_filter,
+    with_bare_ratio,
+)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "results"
 REPO = Path(__file__).resolve().parent.parent
@@ -36,6 +44,18 @@ def test_throughput_table_on_fixture():
     expected = 10 * 1000 / sum(1 / r for r in [80] * 8 + [81, 79]) / 1000
     assert fla["kt_s_aggregate"] == pytest.approx(expected)
     assert jit["vs_fastest"] == 1.0 and fla["vs_fastest"] < 1.0
+
+
+def test_training_throughput_is_divided_by_the_matching_bare_step():
+    import pandas as pd
+
+    table = throughput_table(load_runs(FIXTURE))
+    gpu = table["gpu"].iloc[0]
+    bench = pd.DataFrame({"gpu": [gpu, gpu, "other"], "impl": ["rwkv_jit", "rwkv_jit", "fla"], "bsz": [2, 4, 2],
+                          "kt_per_s": [200.0, 1.0, 1.0]})
+    ratios = with_bare_ratio(table, bench).set_index("impl")["vs_bare"]
+    assert ratios["rwkv_jit"] == pytest.approx(table.set_index("impl").loc["rwkv_jit", "kt_s_aggregate"] / 200.0)
+    assert np.isnan(ratios["fla"])  # no bare step for fla at bsz 2 on this GPU
 
 
 def test_loss_table_ci_across_seeds():
