@@ -133,11 +133,22 @@ def _accelerator(requested: str) -> str:
 def _strategy(requested: str, accelerator: str, world_size: int) -> str:
     """DeepSpeed ZeRO-2 on GPUs (as RWKV-LM trains); on CPUs one process, or DDP over gloo for several."""
     if requested != "auto":
+        _check_strategy(requested, accelerator)
         return requested
     if accelerator == "gpu":
         return "deepspeed_stage_2"
     # layer 0 owns v0/v1/v2 but never uses them (as in RWKV-LM), so DDP must expect unused parameters
     return "ddp_find_unused_parameters_true" if world_size > 1 else "auto"
+
+
+def _check_strategy(name: str, accelerator: str) -> None:
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    if name.startswith("deepspeed") and accelerator != "gpu":
+        raise HarnessError(f"trainer.strategy={name} needs a CUDA GPU; on a CPU leave trainer.strategy=auto")
+    if deepspeed_stage(name) is None and name != "single_device" and name not in StrategyRegistry:
+        known = ", ".join(["auto", "deepspeed_stage_0..3", *sorted(set(StrategyRegistry) - {"auto"})])
+        raise HarnessError(f"unknown trainer.strategy {name!r}; known: {known}")
 
 
 def _precision(requested: str, accelerator: str) -> str:

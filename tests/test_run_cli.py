@@ -70,6 +70,8 @@ def test_main_job_tiny_reference_run_learns(tmp_path):
     (["data.path=/nonexistent/corpus"], "/nonexistent/corpus"),
     (["data=minipile", "data.path=/nonexistent/minipile"], "BlinkDL/minipile-tokenized"),
     (["trainer=cpu", "trainer.sync_debug_steps=2"], "needs trainer.accelerator=gpu"),
+    (["trainer=cpu", "trainer.strategy=deepspeed_stage_2"], "needs a CUDA GPU"),
+    (["trainer.strategy=zero9"], "unknown trainer.strategy 'zero9'"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, fragment):
     results = tmp_path / "results"
