@@ -194,6 +194,12 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# DeepSpeed's throughput timer (on by default, timers.throughput) synchronizes the device when each forward starts and
+# each optimizer step ends: two stalls per step that keep the host from running ahead of the GPU. The harness times
+# steps itself, without stalls.
+DEEPSPEED_TIMERS = {"throughput": {"enabled": False}}
+
+
 def deepspeed_bf16_config() -> dict[str, object]:
     """DeepSpeed's bf16 block. Its per-gradient inf/NaN scan before every step (``check_grad_overflow``, on by
     default in recent DeepSpeed) costs several kernels per tensor plus a host sync; bf16 needs no loss scaling, and
@@ -210,13 +216,15 @@ def deepspeed_bf16_config() -> dict[str, object]:
 
 def make_strategy(plan: Plan):
     """Lightning strategy. ``deepspeed_stage_N`` (N = 0..3; 0 is DeepSpeed's bf16 optimizer without ZeRO) takes
-    ``trainer.deepspeed``'s keywords and DeepSpeed's bf16 block set explicitly; ``single_device`` is plain Lightning
+    ``trainer.deepspeed``'s keywords, DeepSpeed's bf16 block set explicitly and its throughput timer off (see
+    ``DEEPSPEED_TIMERS``); ``single_device`` is plain Lightning
     on one device; any other name goes to Lightning's registry."""
     stage = deepspeed_stage(plan.strategy)
     if stage is not None:
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
         strategy = DeepSpeedStrategy(stage=stage, **plan.deepspeed)
+        strategy.config["timers"] = DEEPSPEED_TIMERS
         if plan.precision.startswith("bf16"):
             strategy.config["bf16"] = deepspeed_bf16_config()
         return strategy

@@ -8,7 +8,7 @@ import types
 import pytest
 
 from harness.callbacks import StepClock
-from harness.train import deepspeed_bf16_config, deepspeed_stage
+from harness.train import DEEPSPEED_TIMERS, deepspeed_bf16_config, deepspeed_stage
 
 
 def fake_deepspeed(monkeypatch: pytest.MonkeyPatch, fields: dict) -> None:
@@ -34,6 +34,13 @@ def test_without_deepspeed_the_block_is_plain(monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", None)
     monkeypatch.setitem(sys.modules, "deepspeed.runtime.precision_config", None)
     assert deepspeed_bf16_config() == {"enabled": True}
+
+
+def test_deepspeed_reads_its_step_synchronizing_throughput_timer_as_off():
+    timers = pytest.importorskip("deepspeed.utils.config", reason="needs deepspeed (pip install -e '.[gpu]')")
+    config = timers.get_timers_config({"timers": DEEPSPEED_TIMERS})
+    assert config.enabled is False
+    assert timers.get_timers_config({}).enabled is True, "DeepSpeed's default, which the trainer turns off"
 
 
 @pytest.mark.parametrize("name, stage", [("deepspeed_stage_0", 0), ("deepspeed_stage_2", 2), ("deepspeed_stage_3", 3),
