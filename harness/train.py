@@ -118,8 +118,18 @@ def plan_run(cfg: DictConfig) -> Plan:
         world_size=world_size, max_steps=int(cfg.trainer.max_steps), accelerator=accelerator,
         strategy=_strategy(cfg.trainer.strategy, accelerator, world_size),
         precision=_precision(cfg.trainer.precision, accelerator),
-        deepspeed=OmegaConf.to_container(cfg.trainer.deepspeed),
+        deepspeed=deepspeed_knobs(cfg.trainer.deepspeed, world_size),
     )
+
+
+def deepspeed_knobs(knobs: DictConfig, world_size: int) -> dict[str, object]:
+    """``trainer.deepspeed`` with ``overlap_comm: auto`` resolved: on with several GPUs (gradient reductions overlap
+    the backward pass), off on one, where there is nothing to overlap and DeepSpeed 0.19 with it on synchronizes the
+    device at the end of every backward pass (stage_1_and_2.py, independent_gradient_partition_epilogue)."""
+    resolved = OmegaConf.to_container(knobs)
+    if resolved.get("overlap_comm") == "auto":
+        resolved["overlap_comm"] = world_size > 1
+    return resolved
 
 
 def _accelerator(requested: str) -> str:

@@ -100,3 +100,14 @@ def test_cuda_marks_and_later_reads_never_synchronize():
         torch.cuda.set_sync_debug_mode(0)
     assert [read() for read, _ in ended] == [0.0, 1.0, 2.0, 3.0, 4.0]
     assert all(clock.seconds(start, end) > 0 for _, (start, end, _) in ended)
+
+
+@pytest.mark.parametrize("world_size, overlap", [(1, False), (2, True), (8, True)])
+def test_overlap_comm_auto_is_on_only_with_several_gpus(world_size, overlap):
+    from omegaconf import OmegaConf
+
+    from harness.train import deepspeed_knobs
+
+    knobs = OmegaConf.create({"overlap_comm": "auto", "contiguous_gradients": True})
+    assert deepspeed_knobs(knobs, world_size) == {"overlap_comm": overlap, "contiguous_gradients": True}
+    assert deepspeed_knobs(OmegaConf.create({"overlap_comm": True}), 1) == {"overlap_comm": True}

@@ -9,15 +9,15 @@ IMPLS=${IMPLS:-rwkv_jit fla}; STEPS=${STEPS:-50}; PROFILE=${PROFILE:-}
 SYNC_STEPS=${SYNC_STEPS:-0}  # >0: count synchronizing CUDA calls in that many steps (run.json host_syncs)
 declare -A VARIANTS=(
   [deepspeed_stage_2]="trainer.strategy=deepspeed_stage_2"
-  [ds2_no_overlap]="trainer.strategy=deepspeed_stage_2 trainer.deepspeed.overlap_comm=false"
-  [ds2_no_overlap_no_contiguous]="trainer.strategy=deepspeed_stage_2 trainer.deepspeed.overlap_comm=false trainer.deepspeed.contiguous_gradients=false"
+  [ds2_overlap_comm]="trainer.strategy=deepspeed_stage_2 trainer.deepspeed.overlap_comm=true"
+  [ds2_no_contiguous]="trainer.strategy=deepspeed_stage_2 trainer.deepspeed.contiguous_gradients=false"
   [deepspeed_stage_1]="trainer.strategy=deepspeed_stage_1"
   [deepspeed_stage_0]="trainer.strategy=deepspeed_stage_0"
   [ds2_no_progress_bar]="trainer.strategy=deepspeed_stage_2 trainer.progress_every=0"
   [plain_bf16_true]="trainer.strategy=single_device trainer.precision=bf16-true"
   [plain_bf16_mixed]="trainer.strategy=single_device trainer.precision=bf16-mixed"
 )
-ORDER=${ORDER:-deepspeed_stage_2 ds2_no_progress_bar ds2_no_overlap ds2_no_overlap_no_contiguous deepspeed_stage_1 deepspeed_stage_0 plain_bf16_true plain_bf16_mixed}
+ORDER=${ORDER:-deepspeed_stage_2 ds2_overlap_comm ds2_no_contiguous deepspeed_stage_1 plain_bf16_true plain_bf16_mixed}
 for impl in $IMPLS; do
   for variant in $ORDER; do
     profile=0; [ "$variant" = "$PROFILE" ] && profile=3
