@@ -4,11 +4,12 @@ checked against a stand-in module."""
 import sys
 import time
 import types
+from pathlib import Path
 
 import pytest
 
 from harness.callbacks import StepClock
-from harness.train import DEEPSPEED_TIMERS, deepspeed_bf16_config, deepspeed_stage
+from harness.train import deepspeed_bf16_config, deepspeed_stage
 
 
 def fake_deepspeed(monkeypatch: pytest.MonkeyPatch, fields: dict) -> None:
@@ -36,11 +37,25 @@ def test_without_deepspeed_the_block_is_plain(monkeypatch):
     assert deepspeed_bf16_config() == {"enabled": True}
 
 
-def test_deepspeed_reads_its_step_synchronizing_throughput_timer_as_off():
-    timers = pytest.importorskip("deepspeed.utils.config", reason="needs deepspeed (pip install -e '.[gpu]')")
-    config = timers.get_timers_config({"timers": DEEPSPEED_TIMERS})
-    assert config.enabled is False
-    assert timers.get_timers_config({}).enabled is True, "DeepSpeed's default, which the trainer turns off"
+def test_deepspeed_parses_the_strategy_the_trainer_builds():
+    pytest.importorskip("deepspeed", reason="needs deepspeed (pip install -e '.[test]')")
+    import dataclasses
+
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from hydra import compose, initialize_config_dir
+
+    from harness.train import make_strategy, plan_run
+
+    with initialize_config_dir(version_base=None, config_dir=str(Path(__file__).parents[1] / "conf")):
+        cfg = compose("config", overrides=["impl=reference", "model=tiny", "trainer.precision=bf16-mixed"])
+    plan = dataclasses.replace(plan_run(cfg), strategy="deepspeed_stage_2", accelerator="gpu")
+    strategy = make_strategy(plan)
+    parsed = DeepSpeedConfig({**strategy.config, "train_micro_batch_size_per_gpu": 4,
+                              "gradient_accumulation_steps": 1})
+    assert parsed.zero_optimization_stage == 2
+    assert parsed.zero_config.overlap_comm is False  # auto, on one GPU
+    assert parsed.timers_config.enabled is False  # DeepSpeed's default is on, with a synchronize
+    assert parsed.bfloat16_config.enabled and parsed.bfloat16_config.check_grad_overflow is False
 
 
 @pytest.mark.parametrize("name, stage", [("deepspeed_stage_0", 0), ("deepspeed_stage_2", 2), ("deepspeed_stage_3", 3),
