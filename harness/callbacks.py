@@ -170,79 +170,29 @@ class StepRecorder(Callback):
             row = {"step": ended.step, "tokens": (ended.step + 1) * self.tokens_per_step, "loss": loss,
                    "lr": ended.lr, "step_time_s": elapsed, "kt_per_s": self.tokens_per_step / elapsed / 1000,
                    "warmup": int(ended.step < self.first_step + self.timing_warmup),
-                   "checkpoint_s": self.clock.seconds(ended.end, ended.resume) if ended.resume is not ended.end
-                   else 0.0}
+                   "checkpoint_s": self.clock.seconds(ended.end, ended.resume)}
             if self.step_log is not None:
                 self.step_log.append(row)
         return row
 
 
-class StepProfiler(Callback):
-    """Profiles ``steps`` steps right after the timing warm-up of the real run (Lightning, DeepSpeed and all) and
-    writes the bench's kernel and host tables to ``profile.txt``, to see what the trainer adds to the bare step."""
+class _StepWindow(Callback):
+    """A diagnostic over ``steps`` steps from ``start_step`` (right after the timing warm-up): ``_open()`` before the
+    first, ``_close()`` and ``_report(trainer)`` after the last; ``_close()`` also when the run stops inside it."""
 
     def __init__(self, run_dir: RunDir, start_step: int, steps: int):
         self.run_dir, self.start_step, self.steps = run_dir, start_step, steps
-        self._profiler: torch.profiler.profile | None = None
-        self._started = 0.0
+        self._inside = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.start_step:
-            activities = [torch.profiler.ProfilerActivity.CPU]
-            if torch.cuda.is_available():
-                activities.append(torch.profiler.ProfilerActivity.CUDA)
-            _sync()
-            self._profiler = torch.profiler.profile(activities=activities)
-            self._profiler.__enter__()
-            self._started = time.perf_counter()
+            self._open()
+            self._inside = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._profiler is None or trainer.global_step < self.start_step + self.steps:
-            return
-        _sync()
-        wall = time.perf_counter() - self._started
-        self._profiler.__exit__(None, None, None)
-        if trainer.is_global_zero:
-            from harness.bench import profile_summary
-
-            last = self.start_step + self.steps - 1
-            header = f"run {portable_path(self.run_dir.path)}: steps {self.start_step}..{last}"
-            (self.run_dir.path / "profile.txt").write_text(
-                profile_summary(self._profiler.key_averages(), self.steps, wall, header) + "\n")
-        self._profiler = None
-
-
-class SyncCounter(Callback):
-    """Counts the synchronizing CUDA calls (torch's sync debug mode) of ``steps`` steps right after the timing
-    warm-up, and the Python lines they come from, into ``run.json``'s ``host_syncs``: a step that synchronizes
-    cannot overlap the host's work with the GPU's, which is what a launch-bound step needs."""
-
-    MESSAGE = "synchronizing CUDA operation"
-
-    def __init__(self, run_dir: RunDir, start_step: int, steps: int):
-        self.run_dir, self.start_step, self.steps = run_dir, start_step, steps
-        self._catcher: warnings.catch_warnings | None = None
-        self._caught: list[warnings.WarningMessage] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.start_step:
-            self._catcher = warnings.catch_warnings(record=True)
-            self._caught = self._catcher.__enter__()
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._catcher is None or trainer.global_step < self.start_step + self.steps:
-            return
-        self._stop()
-        syncs = [w for w in self._caught if self.MESSAGE in str(w.message)]
-        sources = Counter(f"{portable_path(Path(w.filename))}:{w.lineno}" for w in syncs)
-        if trainer.is_global_zero:
-            self.run_dir.update_run_json(host_syncs={
-                "steps": [self.start_step, self.start_step + self.steps - 1],
-                "per_step": len(syncs) / self.steps,
-                "sources": dict(sources.most_common(20)),
-            })
+        if self._inside and trainer.global_step >= self.start_step + self.steps:
+            self._stop()
+            self._report(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._stop()
@@ -251,10 +201,69 @@ class SyncCounter(Callback):
         self._stop()
 
     def _stop(self) -> None:
-        if self._catcher is not None:
-            torch.cuda.set_sync_debug_mode(0)
-            self._catcher.__exit__(None, None, None)
-            self._catcher = None
+        if self._inside:
+            self._inside = False
+            self._close()
+
+    def _open(self) -> None: ...
+    def _close(self) -> None: ...
+    def _report(self, trainer: L.Trainer) -> None: ...
+
+
+class StepProfiler(_StepWindow):
+    """Profiles the window's steps of the real run (Lightning, DeepSpeed and all) and writes the bench's kernel and
+    host tables to ``profile.txt``, to see what the trainer adds to the bare step."""
+
+    def _open(self) -> None:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        _sync()
+        self._profiler = torch.profiler.profile(activities=activities)
+        self._profiler.__enter__()
+        self._started = time.perf_counter()
+
+    def _close(self) -> None:
+        _sync()
+        self._wall = time.perf_counter() - self._started
+        self._profiler.__exit__(None, None, None)
+
+    def _report(self, trainer: L.Trainer) -> None:
+        if trainer.is_global_zero:
+            from harness.bench import profile_summary
+
+            last = self.start_step + self.steps - 1
+            header = f"run {portable_path(self.run_dir.path)}: steps {self.start_step}..{last}"
+            (self.run_dir.path / "profile.txt").write_text(
+                profile_summary(self._profiler.key_averages(), self.steps, self._wall, header) + "\n")
+
+
+class SyncCounter(_StepWindow):
+    """Counts the synchronizing CUDA calls (torch's sync debug mode) of the window's steps, and the Python lines they
+    come from, into ``run.json``'s ``host_syncs``: a step that synchronizes cannot overlap the host's work with the
+    GPU's, which is what a launch-bound step needs."""
+
+    MESSAGE = "synchronizing CUDA operation"
+
+    def _open(self) -> None:
+        self._catcher = warnings.catch_warnings(record=True)
+        self._caught = self._catcher.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def _close(self) -> None:
+        torch.cuda.set_sync_debug_mode(0)
+        self._catcher.__exit__(None, None, None)
+
+    def _report(self, trainer: L.Trainer) -> None:
+        syncs = [w for w in self._caught if self.MESSAGE in str(w.message)]
+        sources = Counter(f"{portable_path(Path(w.filename))}:{w.lineno}" for w in syncs)
+        if trainer.is_global_zero:
+            self.run_dir.update_run_json(host_syncs={
+                "steps": [self.start_step, self.start_step + self.steps - 1],
+                "per_step": len(syncs) / self.steps,
+                "sources": dict(sources.most_common(20)),
+            })
 
 
 class Checkpointer(Callback):

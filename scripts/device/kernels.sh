@@ -9,10 +9,6 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 start=$(date +%s)  # the 10-minute call limit counts the installs too
 source scripts/device/setup.sh
-if compgen -G ".whl-tf/*.whl" > /dev/null; then  # transformers>=5.6 for flash-linear-attention, if carried
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-tf/*.whl
-fi
-export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1
 TOTAL_S=${TOTAL_S:-570}; GRID_BUDGET_S=${GRID_BUDGET_S:-400}
 left() { echo $(( TOTAL_S - ($(date +%s) - start) )); }
 within() { local s=$(( $(left) - $1 )); echo $(( s > 1 ? s : 1 )); }  # timeout leaving $1 s

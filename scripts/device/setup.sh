@@ -1,15 +1,21 @@
 # Source on the device: `source scripts/device/setup.sh` (needs `carry: [".whl", ".device"]`).
 # Installs the carried wheels, unpacks the corpus (checked against its manifest), sets the environment.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+# Locations default under $HOME / $TMPDIR (on the device: /root, /tmp) and can be set before sourcing.
+export DEVICE_SITE=${DEVICE_SITE:-${TMPDIR:-/tmp}/rwkv-site}
+for wheels in .whl .whl-tf; do  # .whl-tf: a newer transformers for flash-linear-attention, when carried
+  compgen -G "$wheels/*.whl" > /dev/null || continue
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$DEVICE_SITE" \
+    "$wheels"/*.whl
+done
+export PYTHONPATH=$DEVICE_SITE${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # DeepSpeed's op builder cannot parse arch names such as "9.0a" in the image's TORCH_CUDA_ARCH_LIST.
 export TORCH_CUDA_ARCH_LIST=9.0
 export RWKV_GIT_COMMIT=${RWKV_GIT_COMMIT:-unknown} RWKV_GIT_DIRTY=${RWKV_GIT_DIRTY:-unknown}
 # Results live outside the synced tree so that they survive between calls while the machine stays warm.
-export STUDY_RESULTS=/root/study-results
+export STUDY_RESULTS=${STUDY_RESULTS:-$HOME/study-results}
 # FLA caches its autotune choices in Triton's cache (FLA_CACHE_RESULTS=1): a cache carried from an earlier machine
 # (.device/triton-cache.tar.xz.part-*, from SAVE_TRITON_CACHE=1) spares the ~7-minute cold autotune.
-export TRITON_CACHE_DIR=/root/triton-cache
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$HOME/triton-cache}
 mkdir -p data "$STUDY_RESULTS" "$TRITON_CACHE_DIR"
 if compgen -G ".device/triton-cache.tar.xz.part-*" > /dev/null && [ -z "$(ls -A "$TRITON_CACHE_DIR")" ]; then
   cat .device/triton-cache.tar.xz.part-* | tar xJf - -C "$TRITON_CACHE_DIR"

@@ -31,11 +31,10 @@ done
 python3 - "$STUDY_RESULTS/overhead" "$OUT/trainer_overhead.csv" <<'PY'
 import csv, json, sys
 from pathlib import Path
+from harness.report import bench_table
 runs, out = Path(sys.argv[1]), sys.argv[2]
-bare = {}
-for row in csv.DictReader(open("results/bench/step.csv")):
-    if row["bsz"] == "48":
-        bare[(row["impl"], row["gpu"])] = float(row["kt_per_s"])  # the file is in time order: the latest wins
+latest = bench_table(Path("results"))  # the latest bare step per (gpu, impl, bsz)
+bare = {(r.impl, r.gpu): r.kt_per_s for r in latest[latest["bsz"] == 48].itertuples()}
 fields = ["impl", "variant", "status", "timed_steps", "kt_per_s", "median_step_kt_per_s", "bare_kt_per_s", "vs_bare",
           "git_commit", "gpu", "step_sync", "host_syncs_per_step"]
 with open(out, "w", newline="") as f:
