@@ -56,7 +56,14 @@ class StepConfig:
 
 
 # Field type (as written in the dataclass) -> converter of the command-line text; tuples are comma-separated.
+def _bool(text: str) -> bool:
+    if text.lower() not in {"true", "false", "1", "0"}:
+        raise ValueError(text)
+    return text.lower() in {"true", "1"}
+
+
 _CONVERTERS: dict[str, Callable[[str], object]] = {
+    "bool": _bool,
     "int": int,
     "float": float,
     "str": str,

@@ -20,7 +20,8 @@ fallback is a ``time.perf_counter`` median over the same budget (no cache flush;
 ``torch.cuda.max_memory_allocated`` over one more call, inputs included. Shapes that run out of memory, or whose
 call takes more than ``max_call_s``, are recorded with a status instead of crashing, and larger T for the same
 (kernel, mode, B, H) is then skipped. ``budget_s`` > 0 stops measuring after that many seconds (remaining rows:
-status ``skipped (time budget ...)``), so a run under a hard time limit still writes its CSV and figure.
+status ``skipped (time budget ...)``), so a run under a hard time limit still writes its CSV and figure;
+``resume=true`` then keeps every row of that CSV measured on the same device and N, and measures only the rest.
 
 Accuracy: ``||x - ref|| / ||ref||`` of the output and of each gradient (r, w, k, v, a, b; w is always the raw decay
 logit, for FLA through the conversion above) against :func:`fp64_reference`, the reference loop in fp64 on the
@@ -226,6 +227,7 @@ class KernelBenchConfig:
     acc_T: int = 16384
     max_call_s: float = 2.0
     budget_s: float = 0.0
+    resume: bool = False
     seed: int = 0
     device: str = "cuda"
     out: str = "results/bench"
@@ -433,15 +435,40 @@ def time_case(kernel: Kernel, op: Op, mode: str, shape: ShapeInputs, blocked: di
     return result
 
 
-def run_grid(cfg: KernelBenchConfig, csv_path: Path) -> pd.DataFrame:
-    """Measure the grid, writing each row to ``csv_path`` as soon as it is measured; returns all rows."""
+BUDGET_SKIP = "skipped (time budget"
+RowKey = tuple[str, str, int, int, int]  # kernel, mode, B, T, H
+
+
+def earlier_rows(csv_path: Path, cfg: KernelBenchConfig) -> dict[RowKey, dict[str, str]]:
+    """Rows of an earlier run to keep with ``resume=true``: all but those its time budget skipped, as written."""
+    if not (cfg.resume and csv_path.exists()):
+        return {}
+    with csv_path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if rows and list(rows[0]) != list(FIELDS):
+        raise HarnessError(f"{csv_path} has other columns than this version writes; use another name= or "
+                           "resume=false")
+    return {(r["kernel"], r["mode"], int(r["B"]), int(r["T"]), int(r["H"])): r for r in rows
+            if not r["status"].startswith(BUDGET_SKIP) and r["device"] == cfg.device and int(r["N"]) == cfg.N}
+
+
+def blocked_by(kept: dict[RowKey, dict[str, str]]) -> dict[tuple, str]:
+    """(kernel, mode, B, H) -> skip status, for kept rows that failed (oom, too_slow, error): larger T stay skipped."""
+    return {(kernel, mode, B, H): f"skipped ({row['status'].split()[0]} at T={T})"
+            for (kernel, mode, B, T, H), row in sorted(kept.items(), key=lambda item: -item[0][3])
+            if row["status"] != "ok" and not row["status"].startswith("skipped")}
+
+
+def run_grid(cfg: KernelBenchConfig, csv_path: Path) -> None:
+    """Measure the grid, writing each row to ``csv_path`` as soon as it is measured (kept rows first, with resume)."""
     kernels = validate(cfg)
+    kept = earlier_rows(csv_path, cfg)
     ops = {k.name: k.load() for k in kernels}
     accuracy = Accuracy(cfg, kernels, ops)
     fixed = {"N": cfg.N, "dtype": str(DTYPE).removeprefix("torch."), "device": cfg.device,
              **with_environment({}, environment())}
-    blocked: dict[tuple, str] = {}
-    rows: list[dict[str, object]] = []
+    blocked = blocked_by(kept)
+    budget_skips = 0
     start = time.perf_counter()
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with csv_path.open("w", newline="") as handle:
@@ -450,17 +477,21 @@ def run_grid(cfg: KernelBenchConfig, csv_path: Path) -> pd.DataFrame:
         for T, B, H, cases in grid(cfg, kernels):
             shape = ShapeInputs(B, T, H, cfg)
             for kernel, mode in cases:
-                row = {**fixed, "kernel": kernel.name, "mode": mode, "B": B, "T": T, "H": H}
-                row |= time_case(kernel, ops[kernel.name], mode, shape, blocked, time.perf_counter() - start)
-                if not str(row["status"]).startswith("skipped (time budget"):
-                    row |= accuracy.columns(kernel, mode, B, T, H)
-                rows.append(csv_cells(row, FIELDS))
-                writer.writerow(rows[-1])
+                row = kept.get((kernel.name, mode, B, T, H))
+                if row is None:
+                    row = {**fixed, "kernel": kernel.name, "mode": mode, "B": B, "T": T, "H": H}
+                    row |= time_case(kernel, ops[kernel.name], mode, shape, blocked, time.perf_counter() - start)
+                    if not str(row["status"]).startswith(BUDGET_SKIP):
+                        row |= accuracy.columns(kernel, mode, B, T, H)
+                    row = csv_cells(row, FIELDS)
+                    print(_progress(row, time.perf_counter() - start), flush=True)
+                budget_skips += str(row["status"]).startswith(BUDGET_SKIP)
+                writer.writerow(row)
                 handle.flush()
-                print(_progress(rows[-1], time.perf_counter() - start), flush=True)
             del shape
             free_memory(cfg.device)
-    return pd.DataFrame(rows, columns=list(FIELDS))
+    if budget_skips:
+        print(f"{budget_skips} rows skipped by the time budget; the same command with resume=true measures only those")
 
 
 # --- figure and tables --------------------------------------------------------------------------------------

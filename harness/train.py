@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 import impls
+from harness import sync_free_clip
 from harness.callbacks import (
     Checkpointer,
     LRScheduler,
@@ -68,6 +69,7 @@ class Plan:
     strategy: str
     precision: str
     deepspeed: dict
+    sync_free_clip: bool
 
     @property
     def tokens_per_step(self) -> int:
@@ -119,6 +121,7 @@ def plan_run(cfg: DictConfig) -> Plan:
         strategy=_strategy(cfg.trainer.strategy, accelerator, world_size),
         precision=_precision(cfg.trainer.precision, accelerator),
         deepspeed=deepspeed_knobs(cfg.trainer.deepspeed, world_size),
+        sync_free_clip=bool(cfg.trainer.sync_free_clip),
     )
 
 
@@ -257,7 +260,9 @@ def make_optimizer(groups: list[dict], cfg: DictConfig, plan: Plan) -> torch.opt
         from deepspeed.ops.adam import FusedAdam
 
         return FusedAdam(groups, bias_correction=True, adam_w_mode=True, weight_decay=0.0, amsgrad=False, **kwargs)
-    return torch.optim.AdamW(groups, weight_decay=0.0, fused=plan.accelerator == "gpu", **kwargs)
+    # Lightning refuses to clip for a fused optimizer under a mixed-precision plugin (it would unscale itself)
+    fused = plan.accelerator == "gpu" and not plan.precision.endswith("-mixed")
+    return torch.optim.AdamW(groups, weight_decay=0.0, fused=fused, foreach=None if fused else True, **kwargs)
 
 
 class LitRWKV(L.LightningModule):
@@ -352,7 +357,7 @@ def train(cfg: DictConfig) -> RunOutcome:
     rd.path.mkdir(parents=True, exist_ok=True)
     setup_start = time.perf_counter()
     model, init_record = build_model(cfg, plan)
-    _record_start(cfg, plan, model, init_record, resume_step)
+    _record_start(cfg, plan, model, init_record, resume_step, install_sync_free_clip(plan))
 
     schedule = LRSchedule(cfg.optim.lr_init, cfg.optim.lr_final, cfg.optim.warmup_steps, plan.tokens_per_step,
                           cfg.optim.exit_tokens or plan.max_steps * plan.tokens_per_step)
@@ -412,7 +417,19 @@ def _is_launching_rank_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
-def _record_start(cfg: DictConfig, plan: Plan, model: RWKV, init_record: dict, resume_step: int | None) -> None:
+def install_sync_free_clip(plan: Plan) -> bool:
+    """``trainer.sync_free_clip`` under ZeRO-1/2 with gradient clipping: DeepSpeed's clipping without its host
+    synchronizations (:mod:`harness.sync_free_clip`). True where the patch is in place."""
+    if not (plan.sync_free_clip and deepspeed_stage(plan.strategy) in (1, 2)):
+        return False
+    installed = sync_free_clip.install()
+    if not installed:
+        print("note: trainer.sync_free_clip: this DeepSpeed has another layout; its own clipping (with host syncs) runs")
+    return installed
+
+
+def _record_start(cfg: DictConfig, plan: Plan, model: RWKV, init_record: dict, resume_step: int | None,
+                  clip_patched: bool) -> None:
     if not _is_launching_rank_zero():
         return
     rd = plan.run_dir
@@ -426,7 +443,7 @@ def _record_start(cfg: DictConfig, plan: Plan, model: RWKV, init_record: dict, r
         impl={"name": plan.impl.name, "description": plan.impl.description, "flags": plan.impl.flags,
               "needs_cuda": plan.impl.needs_cuda},
         trainer={"accelerator": plan.accelerator, "strategy": plan.strategy, "precision": plan.precision,
-                 "world_size": plan.world_size},
+                 "world_size": plan.world_size, "sync_free_clip": clip_patched},
         data={"prefix": portable_path(plan.data_prefix), "tokens": plan.data_tokens, "magic_prime": plan.magic_prime},
         tokens_per_step=plan.tokens_per_step,
         parameters={"total": count_parameters(model), "non_embedding": count_parameters(model, True)},

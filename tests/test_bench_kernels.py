@@ -161,3 +161,27 @@ def test_gpu_tiny_grid_times_and_scores_every_kernel(tmp_path: Path) -> None:
         errors = rows[[c for c in bk.FIELDS if c.startswith("rel_err_")]].stack()
         assert (errors < bound).all(), (kernel, errors[errors >= bound])
     assert (tmp_path / "kernels_quick.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_resume_keeps_measured_rows_and_measures_the_rest(tmp_path: Path, monkeypatch) -> None:
+    calls: list[int] = []
+
+    def op(r, w, k, v, a, b):
+        calls.append(r.shape[1])
+        if r.shape[1] >= 16 and r.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return wkv7_reference(r, w, k, v, a, b)[0].to(r.dtype)
+
+    monkeypatch.setitem(bk.KERNELS, "fake", bk.Kernel("fake", lambda: op, "test kernel", needs_cuda=False))
+    common = ["kernels=fake", "B=2", "H=1", "N=8", "device=cpu", "modes=fwd"]
+    skipped = run_cli(tmp_path, *common, "T=8,16", "budget_s=1e-9")
+    assert skipped["status"].str.startswith("skipped (time budget").all() and not calls
+    first = run_cli(tmp_path, *common, "T=8,16", "resume=true")
+    assert list(first["status"]) == ["ok", "oom"]  # budget-skipped rows are measured again
+    calls.clear()
+    second = run_cli(tmp_path, *common, "T=8,16,32", "resume=true")
+    assert set(calls) == {32}  # T=8 and T=16 kept as they were; T=32 only for its accuracy (at B=1)
+    pd.testing.assert_frame_equal(second.iloc[:2], first)
+    assert second["status"].iloc[2] == "skipped (oom at T=16)"
+    fresh = run_cli(tmp_path, *common, "T=8")
+    assert len(fresh) == 1 and calls  # resume is off by default: everything is measured again

@@ -1,5 +1,6 @@
-"""The trainer's strategy choices and step clock. DeepSpeed itself is not installed on CPU CI: its bf16 block is
-checked against a stand-in module."""
+"""The trainer's strategy choices, optimizer, DeepSpeed patches and step clock. The test extra installs DeepSpeed
+(it needs no CUDA), so its config parser and clipping functions are the references; version-dependent branches of the
+bf16 block are checked against a stand-in module."""
 
 import sys
 import time
@@ -126,3 +127,118 @@ def test_overlap_comm_auto_is_on_only_with_several_gpus(world_size, overlap):
     knobs = OmegaConf.create({"overlap_comm": "auto", "contiguous_gradients": True})
     assert deepspeed_knobs(knobs, world_size) == {"overlap_comm": overlap, "contiguous_gradients": True}
     assert deepspeed_knobs(OmegaConf.create({"overlap_comm": True}), 1) == {"overlap_comm": True}
+
+
+NORMS = [0.5, 1.0, 3.0, 1e30, float("inf"), float("-inf"), float("nan"), -1.0]
+
+
+@pytest.mark.parametrize("value", NORMS)
+def test_sync_free_mask_matches_deepspeed(value):
+    pytest.importorskip("deepspeed", reason="needs deepspeed (pip install -e '.[test]')")
+    import torch
+    from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
+
+    from harness.sync_free_clip import mask_invalid_norm
+
+    theirs, ours = torch.tensor(value), torch.tensor(value)
+    mask_nan_or_inf_with_val_inplace(theirs, device="cpu")
+    mask_invalid_norm(ours, device="cpu")
+    assert torch.equal(theirs, ours)
+
+
+@pytest.mark.parametrize("clip_grad, loss_scale", [(1.0, 1.0), (0.5, 1.0), (1.0, 128.0), (0.0, 4.0)])
+@pytest.mark.parametrize("value", NORMS)
+def test_sync_free_clipping_scales_gradients_as_deepspeed_does(value, clip_grad, loss_scale):
+    pytest.importorskip("deepspeed", reason="needs deepspeed (pip install -e '.[test]')")
+    import torch
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from harness.sync_free_clip import unscale_and_clip_grads
+
+    optimizer = types.SimpleNamespace(clip_grad=clip_grad, loss_scale=loss_scale, device="cpu")
+    grads = torch.randn(2, 5, generator=torch.Generator().manual_seed(0))
+    theirs, ours = [grads.clone(), [grads[0].clone(), grads[1].clone()]], [grads.clone(), [grads[0].clone(), grads[1].clone()]]
+    DeepSpeedZeroOptimizer.unscale_and_clip_grads(optimizer, theirs, torch.tensor(value))
+    unscale_and_clip_grads(optimizer, ours, torch.tensor(value))
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(torch.stack(ours[1]), torch.stack(theirs[1]), rtol=1e-6, atol=0)
+
+
+def test_clip_factor_clips_large_norms_and_zeroes_invalid_ones():
+    import torch
+
+    from harness.sync_free_clip import clip_factor
+
+    assert clip_factor(torch.tensor(0.5), 1.0, 1.0).item() == 1.0
+    assert clip_factor(torch.tensor(4.0), 2.0, 1.0).item() == pytest.approx(2.0)
+    assert clip_factor(torch.tensor(-1.0), 1.0, 1.0).item() == float("inf")  # gradients * 0, as DeepSpeed does
+
+
+def test_sync_free_clip_is_installed_only_for_zero_1_and_2(monkeypatch):
+    pytest.importorskip("deepspeed", reason="needs deepspeed (pip install -e '.[test]')")
+    import dataclasses
+
+    from deepspeed.runtime.zero import stage_1_and_2
+
+    from harness import sync_free_clip
+    from harness.train import install_sync_free_clip
+
+    monkeypatch.setattr(stage_1_and_2.DeepSpeedZeroOptimizer, "unscale_and_clip_grads",
+                        stage_1_and_2.DeepSpeedZeroOptimizer.unscale_and_clip_grads)
+    monkeypatch.setattr(stage_1_and_2, "mask_nan_or_inf_with_val_inplace",
+                        stage_1_and_2.mask_nan_or_inf_with_val_inplace)
+    plan = dataclasses.replace(tiny_plan(), accelerator="gpu")
+    assert not install_sync_free_clip(dataclasses.replace(plan, strategy="deepspeed_stage_3", sync_free_clip=True))
+    assert not install_sync_free_clip(dataclasses.replace(plan, strategy="deepspeed_stage_2", sync_free_clip=False))
+    assert stage_1_and_2.DeepSpeedZeroOptimizer.unscale_and_clip_grads is not sync_free_clip.unscale_and_clip_grads
+    assert install_sync_free_clip(dataclasses.replace(plan, strategy="deepspeed_stage_2", sync_free_clip=True))
+    assert stage_1_and_2.DeepSpeedZeroOptimizer.unscale_and_clip_grads is sync_free_clip.unscale_and_clip_grads
+    assert stage_1_and_2.mask_nan_or_inf_with_val_inplace is sync_free_clip.mask_invalid_norm
+
+
+@pytest.mark.parametrize("precision, fused", [("bf16-true", True), ("bf16-mixed", False)])
+def test_gpu_optimizer_is_fused_unless_lightning_clips_under_mixed_precision(precision, fused):
+    import dataclasses
+
+    import torch
+    from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
+
+    from harness.train import make_optimizer, plan_run
+
+    cfg = tiny_config()
+    plan = dataclasses.replace(plan_run(cfg), strategy="single_device", accelerator="gpu", precision=precision)
+    optimizer = make_optimizer([{"params": [torch.nn.Parameter(torch.zeros(3))]}], cfg, plan)
+    assert optimizer.defaults["fused"] is fused
+    assert _optimizer_handles_unscaling(optimizer) is fused  # Lightning's check that made bf16-mixed fail to clip
+
+
+def tiny_config():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(version_base=None, config_dir=str(Path(__file__).parents[1] / "conf")):
+        return compose("config", overrides=["impl=reference", "model=tiny"])
+
+
+def tiny_plan():
+    from harness.train import plan_run
+
+    return plan_run(tiny_config())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("value", [3.0, float("nan")])
+def test_sync_free_clipping_never_synchronizes(value):
+    import torch
+
+    from harness.sync_free_clip import mask_invalid_norm, unscale_and_clip_grads
+
+    optimizer = types.SimpleNamespace(clip_grad=1.0, loss_scale=1.0, device="cuda")
+    grads, norm = torch.ones(1000, device="cuda"), torch.full((), value, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing call raises
+    try:
+        mask_invalid_norm(norm)
+        unscale_and_clip_grads(optimizer, [grads], norm)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert grads[0].item() == pytest.approx(1 / 3 if value == 3.0 else 0.0)
