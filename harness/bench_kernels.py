@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from harness.autotune_cache import activate_for_fla
 from harness.bench import free_memory, guarded_measurement, parse_overrides, synchronize, with_environment
 from harness.env import environment
 from harness.errors import HarnessError
@@ -93,6 +94,7 @@ def _fla_ops():
     except ModuleNotFoundError as exc:
         raise HarnessError(f"the FLA kernels need the Python module {exc.name!r}; install them with: "
                            "pip install -e '.[gpu]'") from None
+    activate_for_fla()
     return ops
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from harness import autotune_cache
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _PACKAGES = ("torch", "lightning", "triton", "flash-linear-attention", "fla-core", "deepspeed",
              "hydra-core", "numpy", "transformers")
@@ -80,6 +82,7 @@ def environment() -> dict[str, object]:
         "versions": package_versions(),
         "git": git_state(),
         "env_flags": behaviour_flags(os.environ),
+        "triton_autotune": autotune_cache.status(),
     }
 
 

@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import impls
+from harness.autotune_cache import activate_for_fla
 from harness.bench import guarded_measurement, parse_overrides, synchronize, with_environment
 from harness.bench_kernels import device_label, log_decay
 from harness.env import environment
@@ -116,6 +117,7 @@ def clampw_prefill_wkv(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: tor
 def _fla_rwkv7():
     import fla.ops.rwkv7
 
+    activate_for_fla()
     return fla.ops.rwkv7
 
 

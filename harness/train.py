@@ -424,7 +424,8 @@ def install_sync_free_clip(plan: Plan) -> bool:
         return False
     installed = sync_free_clip.install()
     if not installed:
-        print("note: trainer.sync_free_clip: this DeepSpeed has another layout; its own clipping (with host syncs) runs")
+        print("note: trainer.sync_free_clip: this DeepSpeed has another layout; "
+              "its own clipping (with host syncs) runs")
     return installed
 
 

@@ -17,12 +17,15 @@ from functools import partial
 import torch
 from fla.layers import RWKV7Attention
 
+from harness.autotune_cache import activate_for_fla
 from harness.convert import FLA_ATT_NAME_MAP
 from harness.init import lora_ranks
 from impls.base import Implementation
 from impls.reference import ChannelMix
 
 GROUP_NORM_EPS = 64e-5  # RWKV-LM's ln_x eps; FLA multiplies its norm_eps by head_dim
+
+activate_for_fla()  # replay this GPU's recorded autotune choices (harness/autotune_cache.py)
 
 
 class TimeMix(RWKV7Attention):

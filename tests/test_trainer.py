@@ -157,7 +157,7 @@ def test_sync_free_clipping_scales_gradients_as_deepspeed_does(value, clip_grad,
 
     optimizer = types.SimpleNamespace(clip_grad=clip_grad, loss_scale=loss_scale, device="cpu")
     grads = torch.randn(2, 5, generator=torch.Generator().manual_seed(0))
-    theirs, ours = [grads.clone(), [grads[0].clone(), grads[1].clone()]], [grads.clone(), [grads[0].clone(), grads[1].clone()]]
+    theirs, ours = ([grads.clone(), [grads[0].clone(), grads[1].clone()]] for _ in range(2))
     DeepSpeedZeroOptimizer.unscale_and_clip_grads(optimizer, theirs, torch.tensor(value))
     unscale_and_clip_grads(optimizer, ours, torch.tensor(value))
     torch.testing.assert_close(ours[0], theirs[0], rtol=1e-6, atol=0)

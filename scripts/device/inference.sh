@@ -32,5 +32,5 @@ parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(bench tests)
     echo "=== $part exit $? after $(( $(date +%s) - start )) s"
   done
 } 2>&1 | grep --line-buffered -v "According to Bo" | tee "$OUT/inference.log"
-save_triton_cache
+return_device_records
 ls -la "$OUT"

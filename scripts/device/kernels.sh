@@ -34,5 +34,5 @@ RESERVE_S=${RESERVE_S:-$([[ " ${parts[*]} " == *" tests "* ]] && echo 150 || ech
     echo "=== $part exit $? after $(( $(date +%s) - start )) s"
   done
 } 2>&1 | grep --line-buffered -v "According to Bo" | tee "$OUT/kernels.log"
-save_triton_cache
+return_device_records
 ls -la "$OUT"

@@ -20,8 +20,11 @@ mkdir -p data "$STUDY_RESULTS" "$TRITON_CACHE_DIR"
 if compgen -G ".device/triton-cache.tar.xz.part-*" > /dev/null && [ -z "$(ls -A "$TRITON_CACHE_DIR")" ]; then
   cat .device/triton-cache.tar.xz.part-* | tar xJf - -C "$TRITON_CACHE_DIR"
 fi
-# With SAVE_TRITON_CACHE=1: the cache into $OUT in parts under its 16 MiB file limit (copy them to .device/ here).
-save_triton_cache() {
+# Into $OUT at the end of every device script: the autotune choices this machine made (results/autotune/*.json,
+# harness/autotune_cache.py; commit them), and with SAVE_TRITON_CACHE=1 the whole Triton cache in parts under the
+# 16 MiB file limit (copy them to .device/ here).
+return_device_records() {
+  cp results/autotune/*.json "$OUT/" 2>/dev/null
   [ "${SAVE_TRITON_CACHE:-0}" = 1 ] || return 0
   tar cf - -C "$TRITON_CACHE_DIR" . | xz -T16 -6 | split -b 15M - "$OUT/triton-cache.tar.xz.part-"
 }

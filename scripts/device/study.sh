@@ -21,5 +21,5 @@ rm -rf /tmp/study-out && mkdir -p /tmp/study-out
 (cd "$STUDY_RESULTS" && tar cf - --exclude=checkpoints --exclude=init ./study-*) | tar xf - -C /tmp/study-out
 sed -i "s#$STUDY_RESULTS#results#g" /tmp/study-out/*/*/run.json
 tar czf "$OUT/study-results.tgz" -C /tmp/study-out .
-save_triton_cache
+return_device_records
 ls -la "$OUT"
