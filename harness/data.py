@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from harness.errors import HarnessError, exit_on_user_error
 from harness.tokenizer import END_OF_DOCUMENT, load_world_tokenizer
@@ -277,6 +277,26 @@ class StepWindows(Dataset):
         start = window_start(self.sample_number(j), self.magic_prime, self.ctx_len)
         window = torch.from_numpy(self.data.tokens[start:start + self.ctx_len + 1].astype(np.int64))
         return window[:-1], window[1:]
+
+
+class ResumeSampler(Sampler[int]):
+    """Window indices ``start`` .. ``total - 1`` of a run's :class:`StepWindows`, reporting the whole run's length.
+
+    On resume Lightning restores how many batches the checkpointed epoch had already counted and ends the epoch when
+    that count reaches ``len(dataloader)``. A loader of the remaining steps alone would therefore end the epoch
+    early and start a new one from the resume step, replaying seen data (found in a run resumed at step 319 of
+    1000: its steps 681-999 saw the data of steps 319-637). Reporting the whole run keeps epoch and run one."""
+
+    def __init__(self, start: int, total: int):
+        if not 0 <= start <= total:
+            raise ValueError(f"bad ResumeSampler arguments: start={start} total={total}")
+        self.start, self.total = start, total
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.total))
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

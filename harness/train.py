@@ -33,7 +33,7 @@ from harness.callbacks import (
     SyncCounter,
     progress_bar,
 )
-from harness.data import BinIdx, StepWindows, default_data_prefix, magic_prime
+from harness.data import BinIdx, ResumeSampler, StepWindows, default_data_prefix, magic_prime
 from harness.env import environment
 from harness.errors import HarnessError
 from harness.init import apply_init
@@ -277,10 +277,11 @@ class LitRWKV(L.LightningModule):
     def train_dataloader(self) -> DataLoader:
         p = self.plan
         windows = StepWindows(BinIdx(p.data_prefix), p.model_cfg.ctx_len, p.micro_bsz, p.magic_prime,
-                              start_step=self.start_step, num_steps=p.max_steps - self.start_step,
+                              start_step=0, num_steps=p.max_steps,
                               world_size=self.trainer.world_size, rank=self.trainer.global_rank)
         workers = int(self.cfg.trainer.num_workers)
-        return DataLoader(windows, batch_size=p.micro_bsz, shuffle=False, drop_last=True, num_workers=workers,
+        return DataLoader(windows, batch_size=p.micro_bsz, sampler=ResumeSampler(self.start_step * p.micro_bsz,
+                          len(windows)), drop_last=True, num_workers=workers,
                           pin_memory=p.accelerator == "gpu", persistent_workers=False)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -367,6 +368,7 @@ def train(cfg: DictConfig) -> RunOutcome:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            # the loader resumes mid-epoch by the step itself (harness.data.ResumeSampler), which is what this warns of
             warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch.*")
             trainer.fit(lit, ckpt_path=ckpt_path)
     except BaseException as exc:

@@ -17,6 +17,7 @@ import torch
 from harness.data import (
     BinIdx,
     DataError,
+    ResumeSampler,
     StepWindows,
     default_data_prefix,
     golden_factor,
@@ -193,6 +194,20 @@ def test_resumed_run_sees_identical_batches(tmp_path):
     full = batches(StepWindows(data, 16, 4, p, start_step=0, num_steps=10))
     resumed = batches(StepWindows(data, 16, 4, p, start_step=6, num_steps=4))
     assert all(torch.equal(a, b) for a, b in zip(full[6:], resumed, strict=True))
+
+
+def test_resume_sampler_yields_the_remaining_steps_with_the_whole_runs_length(tmp_path):
+    """Lightning ends an epoch when its restored batch count reaches len(loader): the resumed loader must report all
+    10 steps while yielding steps 3..9, the batches of an uninterrupted run."""
+    data = make_data(tmp_path)
+    windows = StepWindows(data, 16, 4, magic_prime(data.num_tokens, 16), start_step=0, num_steps=10)
+    loader = torch.utils.data.DataLoader(windows, batch_size=4, sampler=ResumeSampler(3 * 4, len(windows)),
+                                         drop_last=True)
+    assert len(loader) == 10
+    resumed = [x for x, _ in loader]
+    assert len(resumed) == 7 and all(torch.equal(a, b) for a, b in zip(batches(windows)[3:], resumed, strict=True))
+    with pytest.raises(ValueError):
+        ResumeSampler(11, 10)
 
 
 def test_ranks_see_disjoint_samples_whose_union_is_the_global_batch(tmp_path):

@@ -129,40 +129,50 @@ def test_diverging_run_stops_with_one_line_and_keeps_its_log(tmp_path):
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_losses(tmp_path):
-    steps = ["trainer.max_steps=16", "trainer.ckpt_every=4", "trainer.num_workers=0"]
+    """Killed before half-way (resumed at step 4 or 8 of 24: Lightning's epoch then ends early unless the loader
+    keeps the run's length, and the last steps replay seen data), then killed past half-way, a run resumed to the
+    end logs the uninterrupted run's steps and losses."""
+    steps = ["trainer.max_steps=24", "trainer.ckpt_every=4", "trainer.num_workers=0"]
     straight = tmp_path / "straight"
     proc = run_harness([*SMALL, *steps], straight)
     assert proc.returncode == 0, proc.stderr[-2000:]
     reference = read_rows(next(straight.rglob("steps.csv")))
     written = [int(r["step"]) for r in reference if float(r["checkpoint_s"]) > 0]
-    assert written == [3, 7, 11, 15], "each checkpoint write is timed apart, on the step it follows"
+    assert written == [3, 7, 11, 15, 19, 23], "each checkpoint write is timed apart, on the step it follows"
     import json
 
     summary = json.loads(next(straight.rglob("run.json")).read_text())["throughput"]
     assert summary["checkpoint_s"] == pytest.approx(sum(float(r["checkpoint_s"]) for r in reference))
 
-    resumed = tmp_path / "resumed"
-    cmd = [sys.executable, "-m", "harness.run", f"results_dir={resumed}", *SMALL, *steps]
-    victim = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        logs = list(resumed.rglob("steps.csv"))
-        if logs and len(read_rows(logs[0])) >= 10:
-            break
-        time.sleep(0.05)
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.wait()
-    killed_rows = read_rows(next(resumed.rglob("steps.csv")))
-    assert 10 <= len(killed_rows) < 16
-
-    proc = run_harness([*SMALL, *steps], resumed)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = read_rows(next(resumed.rglob("steps.csv")))
-    assert [int(r["step"]) for r in rows] == list(range(16))
-    assert [r["loss"] for r in rows] == [r["loss"] for r in reference]
+    for name, kills in (("early", [(5, 12)]), ("early-then-late", [(5, 12), (17, 24)])):
+        resumed = tmp_path / name
+        for at_least, below in kills:
+            assert at_least <= len(kill_after_rows(resumed, [*SMALL, *steps], at_least)) < below
+        proc = run_harness([*SMALL, *steps], resumed)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        record = json.loads(next(resumed.rglob("run.json")).read_text())
+        assert len(record["resumed_from"]) == len(kills) and record["resumed_from"][0] < 12
+        rows = read_rows(next(resumed.rglob("steps.csv")))
+        assert [int(r["step"]) for r in rows] == list(range(24))
+        assert [r["loss"] for r in rows] == [r["loss"] for r in reference], name
 
     again = run_harness([*SMALL, *steps], resumed)
     assert again.returncode == 0 and "already complete" in again.stdout
+
+
+def kill_after_rows(results: Path, args: list[str], rows: int) -> list[dict]:
+    """Start (or resume) a run, SIGKILL it once its steps.csv has ``rows`` rows; the rows it left."""
+    cmd = [sys.executable, "-m", "harness.run", f"results_dir={results}", *args]
+    victim = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        logs = list(results.rglob("steps.csv"))
+        if logs and len(read_rows(logs[0])) >= rows:
+            break
+        time.sleep(0.02)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    return read_rows(next(results.rglob("steps.csv")))
 
 
 @pytest.mark.gpu
