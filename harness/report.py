@@ -245,7 +245,8 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 
 def bench_table(results_dir: Path) -> pd.DataFrame | None:
-    """Latest bare-loop step benchmark per (gpu, impl, bsz), beside the upstream anchor measured the same way."""
+    """Latest bare-loop step benchmark per (gpu, impl, bsz), beside the upstream anchor measured the same way on the
+    same GPU model (only the H100 has anchors)."""
     path = results_dir / "bench" / "step.csv"
     if not path.exists():
         return None
@@ -254,8 +255,9 @@ def bench_table(results_dir: Path) -> pd.DataFrame | None:
     table["git_commit"] = table["git_commit"].astype(str).str[:8]
     anchors_path = results_dir / "anchors" / "h100_upstream.csv"
     if anchors_path.exists():
-        anchors = pd.read_csv(anchors_path)[["impl", "bsz", "kt_per_s"]].rename(columns={"kt_per_s": "upstream_kt_s"})
-        table = table.merge(anchors, on=["impl", "bsz"], how="left")
+        anchors = pd.read_csv(anchors_path)[["gpu", "impl", "bsz", "kt_per_s"]].rename(
+            columns={"kt_per_s": "upstream_kt_s"})
+        table = table.merge(anchors, on=["gpu", "impl", "bsz"], how="left")
         table["vs_upstream"] = table["kt_per_s"] / table["upstream_kt_s"]
     return table.sort_values(["gpu", "bsz", "impl"], ascending=[True, False, True]).reset_index(drop=True)
 
@@ -276,7 +278,7 @@ def bench_markdown(table: pd.DataFrame | None) -> list[str]:
     return [
         "### Bare training step (fwd + bwd + AdamW, L12 D768 ctx 512, bf16, random tokens)",
         "From results/bench/step.csv (`python -m harness.bench step`); `upstream_kt_s` from "
-        "results/anchors/h100_upstream.csv, measured the same way on the same H100 model.",
+        "results/anchors/h100_upstream.csv, measured the same way on the same GPU model (H100 only).",
         markdown_table(table),
     ]
 

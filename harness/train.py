@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 import impls
-from harness import sync_free_clip
+from harness import autotune_cache, sync_free_clip
 from harness.callbacks import (
     Checkpointer,
     LRScheduler,
@@ -384,7 +384,7 @@ def train(cfg: DictConfig) -> RunOutcome:
     if trainer.is_global_zero:
         deepspeed_config = getattr(trainer.strategy, "config", None)
         rd.update_run_json(status=status, final_step=final_step, throughput=summary,
-                           deepspeed_config=deepspeed_config)
+                           deepspeed_config=deepspeed_config, triton_autotune=autotune_cache.status())
     return RunOutcome(status, rd, final_step, summary)
 
 
