@@ -21,7 +21,8 @@ fallback is a ``time.perf_counter`` median over the same budget (no cache flush;
 call takes more than ``max_call_s``, are recorded with a status instead of crashing, and larger T for the same
 (kernel, mode, B, H) is then skipped. ``budget_s`` > 0 stops measuring after that many seconds (remaining rows:
 status ``skipped (time budget ...)``), so a run under a hard time limit still writes its CSV and figure;
-``resume=true`` then keeps every row of that CSV measured on the same device and N, and measures only the rest.
+``resume=true`` then keeps every row of that CSV measured on the same device, GPU model and N, and measures only
+the rest.
 
 Accuracy: ``||x - ref|| / ||ref||`` of the output and of each gradient (r, w, k, v, a, b; w is always the raw decay
 logit, for FLA through the conversion above) against :func:`fp64_reference`, the reference loop in fp64 on the
@@ -58,7 +59,7 @@ from torch.utils.checkpoint import checkpoint
 
 from harness.autotune_cache import activate_for_fla
 from harness.bench import free_memory, guarded_measurement, parse_overrides, synchronize, with_environment
-from harness.env import environment
+from harness.env import environment, gpu_info
 from harness.errors import HarnessError
 from harness.results import csv_cells, read_bench_csv
 from impls.reference import W_SCALE, wkv7_reference
@@ -442,7 +443,8 @@ RowKey = tuple[str, str, int, int, int]  # kernel, mode, B, T, H
 
 
 def earlier_rows(csv_path: Path, cfg: KernelBenchConfig) -> dict[RowKey, dict[str, str]]:
-    """Rows of an earlier run to keep with ``resume=true``: all but those its time budget skipped, as written."""
+    """Rows of an earlier run to keep with ``resume=true``: those measured on the same device, GPU model and N,
+    except the ones its time budget skipped; as written. (Rows of another GPU are measured again, not mixed in.)"""
     if not (cfg.resume and csv_path.exists()):
         return {}
     with csv_path.open(newline="") as handle:
@@ -450,8 +452,10 @@ def earlier_rows(csv_path: Path, cfg: KernelBenchConfig) -> dict[RowKey, dict[st
     if rows and list(rows[0]) != list(FIELDS):
         raise HarnessError(f"{csv_path} has other columns than this version writes; use another name= or "
                            "resume=false")
+    gpu = (gpu_info()["gpu"] if cfg.device == "cuda" else None) or ""
     return {(r["kernel"], r["mode"], int(r["B"]), int(r["T"]), int(r["H"])): r for r in rows
-            if not r["status"].startswith(BUDGET_SKIP) and r["device"] == cfg.device and int(r["N"]) == cfg.N}
+            if not r["status"].startswith(BUDGET_SKIP) and r["device"] == cfg.device and int(r["N"]) == cfg.N
+            and (r["gpu"] or "") == gpu}
 
 
 def blocked_by(kept: dict[RowKey, dict[str, str]]) -> dict[tuple, str]:

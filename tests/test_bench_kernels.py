@@ -185,3 +185,13 @@ def test_resume_keeps_measured_rows_and_measures_the_rest(tmp_path: Path, monkey
     assert second["status"].iloc[2] == "skipped (oom at T=16)"
     fresh = run_cli(tmp_path, *common, "T=8")
     assert len(fresh) == 1 and calls  # resume is off by default: everything is measured again
+
+
+def test_resume_never_keeps_rows_of_another_gpu(tmp_path: Path) -> None:
+    """A grid resumed on another GPU model measures everything again instead of mixing two GPUs in one CSV."""
+    frame = run_cli(tmp_path, *TINY[:-1], "T=16", "device=cpu")
+    csv_path = tmp_path / "kernels.csv"
+    cfg = bk.KernelBenchConfig(device="cpu", N=16, resume=True)
+    assert len(bk.earlier_rows(csv_path, cfg)) == len(frame)
+    frame.assign(gpu="NVIDIA H100 80GB HBM3").to_csv(csv_path, index=False)
+    assert bk.earlier_rows(csv_path, cfg) == {}

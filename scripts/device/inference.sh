@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the device (run tool, kind nvidia-h100-x1, carry [".whl", ".device"]): the decoding benchmark (issue 8) and its GPU tests
+# On the device (run tool, kind nvidia-h200, carry [".whl", ".device"]): the decoding benchmark (issue 8) and its GPU tests
 # in one call that ends inside TOTAL_S (default 480 s, installs included):
 #   RWKV_GIT_COMMIT=<sha> RWKV_GIT_DIRTY=0 bash scripts/device/inference.sh [bench] [tests]   (default: both)
 # Grid: L12-D768, vocab 65536, bf16; RWKV-7 with impl rwkv (CUDA-kernel prefill, reference single-step decode) and

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# On the device (run tool, kind nvidia-h100-x1, carry [".whl", ".device"]): the WKV-op benchmark grid, the
+# On the device (run tool, kind nvidia-h200, carry [".whl", ".device"]): the WKV-op benchmark grid, the
 # FLA-vs-RWKV parity report and the GPU tests of both, in one call of at most 10 minutes:
 #   RWKV_GIT_COMMIT=<sha> bash scripts/device/kernels.sh [parity] [grid] [tests]   (default: all three, in order)
-# Back under $OUT (8 files at most): kernels.{csv,md,png}, fla-bf16_vs_rwkv_jit-bf16.{csv,md,png}, kernels.log.
-# The grid resumes from the committed results/bench/kernels.csv (rows an earlier call's time budget skipped are
-# measured, the rest kept) and stops starting new measurements RESERVE_S before TOTAL_S (rows left: "skipped (time
-# budget ...)", for the next call); each part runs under `timeout`, so the call ends inside TOTAL_S.
+# Back under $OUT (8 files at most): kernels.{csv,md,png}, fla-bf16_vs_rwkv_jit-bf16.{csv,md,png}, kernels.log and
+# the autotune choices. The grid resumes from the committed results/bench/kernels.csv, keeping rows of the same GPU
+# model only (rows an earlier call's time budget skipped are measured, the rest kept), and stops starting new
+# measurements RESERVE_S before TOTAL_S (rows left: "skipped (time budget ...)", for the next call); each part runs
+# under `timeout`, so the call ends inside TOTAL_S.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 start=$(date +%s)  # the 10-minute call limit counts the installs too
