@@ -4,7 +4,7 @@ FLA's first training step on a cold GPU spends about 7 minutes autotuning: for e
 compiles each candidate config one after another, then times them. Two remedies, both leaving the *choice* to Triton:
 
 * **Replay** (``RWKV_AUTOTUNE=replay``, the default on CUDA): the choices Triton's autotuner made on this GPU model,
-  with these Triton and FLA versions, are kept in ``results/autotune/<gpu>-triton<v>-fla<v>.json`` (written when the
+  with these Triton and FLA versions, are kept in ``results/autotune/<gpu>-fla<v>-triton<v>.json`` (written when the
   process exits). When a kernel meets a tuning key the file holds, the recorded config becomes its only candidate,
   provided it is one of the kernel's own; anything not in the file autotunes as usual.
 * **Parallel compile** (on every autotune that still runs): the candidates are compiled on a thread pool (Triton's
@@ -23,10 +23,11 @@ import inspect
 import json
 import os
 import re
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from harness.errors import HarnessError
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "results" / "autotune"
 MODES = ("replay", "record", "off")
@@ -38,12 +39,12 @@ _state: dict[str, Any] = {"mode": None}
 def mode() -> str:
     chosen = os.environ.get("RWKV_AUTOTUNE", "replay")
     if chosen not in MODES:
-        raise ValueError(f"RWKV_AUTOTUNE={chosen!r}; choose one of {', '.join(MODES)}")
+        raise HarnessError(f"RWKV_AUTOTUNE={chosen!r}; choose one of {', '.join(MODES)}")
     return chosen
 
 
 def cache_file(directory: Path, gpu: str, versions: dict[str, str]) -> Path:
-    """``<gpu>-triton<v>-fla<v>.json``: choices are only valid for the GPU model and versions they were made on."""
+    """``<gpu>-fla<v>-triton<v>.json``: choices are only valid for the GPU model and versions they were made on."""
     parts = [re.sub(r"[^0-9A-Za-z.]+", "_", gpu).strip("_")] + [f"{k}{v}" for k, v in sorted(versions.items())]
     return directory / ("-".join(parts) + ".json")
 
@@ -56,9 +57,8 @@ def autotuners(module_prefix: str) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for obj in gc.get_objects():
         if issubclass(type(obj), Autotuner):  # not isinstance: it wakes lazy module proxies
-            fn = _base_function(obj)
-            if fn.__module__.startswith(module_prefix):
-                found[f"{fn.__module__}:{fn.__qualname__}"] = obj
+            if _base_function(obj).__module__.startswith(module_prefix):
+                found[kernel_name(obj)] = obj
     return found
 
 
@@ -72,10 +72,6 @@ def _base_function(autotuner: Any) -> Any:
 def config_to_json(config: Any) -> dict[str, Any]:
     return {"kwargs": dict(config.kwargs), "num_warps": config.num_warps, "num_stages": config.num_stages,
             "num_ctas": getattr(config, "num_ctas", 1), "maxnreg": getattr(config, "maxnreg", None)}
-
-
-def _key_from_json(key: Iterable[Any]) -> tuple:
-    return tuple(_key_from_json(k) if isinstance(k, list) else k for k in key)
 
 
 def _is_plain(value: Any) -> bool:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from harness import autotune_cache
+from harness.errors import HarnessError
 
 triton = pytest.importorskip("triton", reason="needs triton (the test extra)")
 
@@ -113,7 +114,7 @@ def test_merge_keeps_old_keys_and_the_newer_choice_wins():
 
 def test_unknown_mode_is_refused(monkeypatch):
     monkeypatch.setenv("RWKV_AUTOTUNE", "sometimes")
-    with pytest.raises(ValueError, match="replay, record, off"):
+    with pytest.raises(HarnessError, match="replay, record, off"):
         autotune_cache.mode()
 
 
