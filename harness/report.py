@@ -46,6 +46,7 @@ def load_runs(results_dir: Path) -> pd.DataFrame:
             impl=config.get("impl", {}).get("name"), init=config.get("init", {}).get("mode"),
             bsz=config.get("bsz"), grouping=config.get("optim", {}).get("grouping"), seed=config.get("seed"),
             gpu=_gpu_of(run), status=run.get("status"), strategy=run.get("trainer", {}).get("strategy"),
+            data_sha256=run.get("data", {}).get("sha256"),
         )
         frames.append(steps)
     if not frames:
@@ -314,8 +315,18 @@ def summary_markdown(throughput: pd.DataFrame, losses: pd.DataFrame, steps: pd.D
         f"### Loss (mean over the last {LAST_STEPS} steps)",
         "`ci95`: half-width of the 95% t-interval across seeds (– with one seed). `loss_common`: the same mean over "
         "`common_steps`, the last steps that every run of the experiment reached.",
+        *mixed_corpus_warnings(steps),
         markdown_table(losses),
     ]) + "\n"
+
+
+def mixed_corpus_warnings(steps: pd.DataFrame) -> list[str]:
+    """One line per experiment whose runs trained on different data files (by the sha256 in run.json): their losses
+    are not comparable. Runs recorded before the checksum was kept are not counted."""
+    runs = steps.drop_duplicates(["experiment", "run_id"]).dropna(subset=["data_sha256"])
+    return [f"**Warning:** `{experiment}` mixes {group['data_sha256'].nunique()} different data files "
+            f"({', '.join(sorted(group['run_id']))}); its losses are not comparable."
+            for experiment, group in runs.groupby("experiment", sort=True) if group["data_sha256"].nunique() > 1]
 
 
 def embed_in_readme(readme: Path, summary: str) -> None:

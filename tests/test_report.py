@@ -14,6 +14,7 @@ from harness.report import (
     load_runs,
     loss_table,
     mean_ci95,
+    mixed_corpus_warnings,
     throughput_table,
     tukey_filter,
     with_bare_ratio,
@@ -113,3 +114,13 @@ def test_report_missing_results_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "harness.report", "--results", str(tmp_path / "none")],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr
+
+
+def test_an_experiment_mixing_corpora_is_flagged():
+    steps = load_runs(FIXTURE)
+    assert mixed_corpus_warnings(steps) == []  # the fixture's runs carry no checksum: nothing to compare
+    steps["data_sha256"] = np.where(steps["run_id"].str.startswith("fla"), "aaa", "bbb")
+    [warning] = mixed_corpus_warnings(steps)
+    assert "mixes 2 different data files" in warning and "fla-shared-bsz2-seed0" in warning
+    steps["data_sha256"] = "aaa"
+    assert mixed_corpus_warnings(steps) == []
