@@ -191,7 +191,7 @@ def activate(module_prefix: str, gpu: str, versions: dict[str, str], directory: 
         return status()
     path = cache_file(Path(os.environ.get("RWKV_AUTOTUNE_DIR", directory or DEFAULT_DIR)), gpu, versions)
     table = read_table(path) if chosen == "replay" else {}
-    _state.update(file=path, index=index(table), recorded=sum(map(len, table.values())), replayed=0,
+    _state.update(file=path.name, index=index(table), recorded=sum(map(len, table.values())), replayed=0,
                   hooked=install_hook(replay=chosen == "replay"))
 
     def record() -> None:
@@ -207,10 +207,7 @@ def status() -> dict[str, Any]:
     """For the record: the mode, the file and how many choices it held, how many were replayed so far."""
     if _state["mode"] is None:
         return {}
-    shown = {k: v for k, v in _state.items() if k != "index"}
-    if "file" in shown:
-        shown["file"] = shown["file"].name
-    return shown
+    return {k: v for k, v in _state.items() if k != "index"}
 
 
 def activate_for_fla() -> dict:

@@ -452,7 +452,7 @@ def earlier_rows(csv_path: Path, cfg: KernelBenchConfig) -> dict[RowKey, dict[st
     if rows and list(rows[0]) != list(FIELDS):
         raise HarnessError(f"{csv_path} has other columns than this version writes; use another name= or "
                            "resume=false")
-    gpu = (gpu_info()["gpu"] if cfg.device == "cuda" else None) or ""
+    gpu = gpu_info()["gpu"] or ""  # what with_environment writes into every row of this machine
     return {(r["kernel"], r["mode"], int(r["B"]), int(r["T"]), int(r["H"])): r for r in rows
             if not r["status"].startswith(BUDGET_SKIP) and r["device"] == cfg.device and int(r["N"]) == cfg.N
             and (r["gpu"] or "") == gpu}
