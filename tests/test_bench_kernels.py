@@ -21,7 +21,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def run_cli(tmp_path: Path, *words: str) -> pd.DataFrame:
     main(["kernels", *words, f"out={tmp_path}", f"figures={tmp_path}"])
-    return bk.read_csv(tmp_path / "kernels.csv")
+    name = bk.QUICK.name if "--quick" in words else bk.KernelBenchConfig().name
+    return bk.read_csv(tmp_path / f"{name}.csv")
 
 
 def test_cpu_grid_writes_tidy_csv_table_and_figure(tmp_path: Path) -> None:
@@ -195,3 +196,10 @@ def test_resume_never_keeps_rows_of_another_gpu(tmp_path: Path) -> None:
     assert len(bk.earlier_rows(csv_path, cfg)) == len(frame)
     frame.assign(gpu="NVIDIA H100 80GB HBM3").to_csv(csv_path, index=False)
     assert bk.earlier_rows(csv_path, cfg) == {}
+
+
+def test_quick_grid_writes_its_own_files_beside_the_full_grid(tmp_path: Path) -> None:
+    frame = run_cli(tmp_path, "--quick", "kernels=reference", "T=16", "N=16", "device=cpu")
+    assert set(frame["T"]) == {16} and set(frame["B"]) == set(bk.QUICK.B) and set(frame["H"]) == set(bk.QUICK.H)
+    assert not (tmp_path / "kernels.csv").exists()
+    assert (tmp_path / "kernels_quick.png").read_bytes().startswith(PNG_MAGIC)
