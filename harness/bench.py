@@ -284,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
         f.name for f in dataclasses.fields(StepConfig)) + "; kernels keys: see harness/bench_kernels.py")
     parser.add_argument("--profile", action="store_true", help="step: print the top CUDA kernels instead of timing")
     parser.add_argument("--quick", action="store_true", help="kernels: a tiny grid for smoke tests")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="inference: operators per decode step of each model (inference_ops.csv), no timing")
     parser.add_argument("--plot-only", action="store_true",
                         help="kernels, inference: redraw the figures (and table) from an existing CSV")
     args = parser.parse_intermixed_args(argv)
@@ -300,7 +302,7 @@ def run_command(args: argparse.Namespace) -> None:
     if args.command == "inference":  # decoding latency and memory vs context (harness/inference.py)
         from harness import inference
 
-        inference.main(args.overrides, plot_only=args.plot_only)
+        inference.main(args.overrides, plot_only=args.plot_only, count_ops=args.count_ops)
         return
     cfg = parse_overrides(args.overrides)
     out_dir = Path(cfg.out)

@@ -582,8 +582,41 @@ def _cell_accuracy(row: pd.Series) -> str:
     return f"{row['rel_err_y']:.1e}" + ("" if pd.isna(row["worst_grad"]) else f" / {row['worst_grad']:.1e}")
 
 
+def fastest_kernels(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per timed (mode, B, H, T): the fastest kernel, its median ms, the runner-up and ``margin`` = the runner-up's
+    median over the fastest's (NaN where only one kernel was timed)."""
+    timed = frame[frame["status"] == "ok"].sort_values("median_ms", kind="stable")
+    rows = []
+    for (mode, B, H, T), shape in timed.groupby(["mode", "B", "H", "T"], sort=True):
+        first = shape.iloc[0]
+        second = shape.iloc[1] if len(shape) > 1 else None
+        rows.append({"mode": mode, "B": B, "H": H, "T": T, "fastest": first["kernel"], "median_ms": first["median_ms"],
+                     "runner_up": None if second is None else second["kernel"],
+                     "margin": np.nan if second is None else second["median_ms"] / first["median_ms"]})
+    return pd.DataFrame(rows, columns=["mode", "B", "H", "T", "fastest", "median_ms", "runner_up", "margin"])
+
+
+def _cell_fastest(row: pd.Series) -> str:
+    return f"{row['fastest']} (alone)" if pd.isna(row["margin"]) else f"{row['fastest']} {row['margin']:.2f}x"
+
+
+def fastest_markdown(frame: pd.DataFrame) -> str:
+    """(mode, B, H) x T: which kernel is fastest and by how much over the next fastest."""
+    from harness.report import markdown_table
+
+    best = fastest_kernels(frame)
+    cells = best.assign(cell=best.apply(_cell_fastest, axis=1)).pivot_table(
+        index=["mode", "B", "H"], columns="T", values="cell", aggfunc="first").reset_index()
+    return markdown_table(cells.rename(columns=_t_label))
+
+
+FASTEST_NOTE = ("Each cell: the fastest kernel at that shape and its margin, the next fastest kernel's median time "
+                "over its own; \"(alone)\": no other kernel was timed there.")
+
+
 def markdown_tables(frame: pd.DataFrame) -> str:
-    """Median ms per (mode, B, H, kernel) x T, and relative errors (output / worst gradient) per (H, kernel) x T."""
+    """Median ms per (mode, B, H, kernel) x T, the fastest kernel per shape, and relative errors (output / worst
+    gradient) per (H, kernel) x T."""
     from harness.report import markdown_table
 
     times = frame.assign(cell=frame.apply(_cell_time, axis=1)).pivot_table(
@@ -600,6 +633,9 @@ def markdown_tables(frame: pd.DataFrame) -> str:
         f"triton {first['triton']}, fla {first['fla']}, commit {str(first['git_commit'])[:8]}.",
         "## Median time (ms; a word where the row was not timed: oom, too_slow, skipped, error)",
         markdown_table(times.rename(columns=_t_label)),
+        "## Fastest kernel",
+        FASTEST_NOTE,
+        fastest_markdown(frame),
         "## Relative error vs the fp64 loop (output / worst of the six input gradients)",
         f"Measured at B={', '.join(str(int(b)) for b in sorted(measured['acc_B'].unique()))} and T capped at "
         f"{int(measured['acc_T'].max()) if len(measured) else '–'} (the fp64 loop is slow; columns acc_B, acc_T "

@@ -60,6 +60,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import impls
 from harness.autotune_cache import activate_for_fla
@@ -567,6 +568,8 @@ def validate(cfg: InferenceConfig) -> None:
         raise HarnessError(f"unknown RWKV impl(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
     if cfg.dtype not in DTYPES:
         raise HarnessError(f"dtype={cfg.dtype} is not one of {', '.join(DTYPES)}")
+    if cfg.n_layer < 2:
+        raise HarnessError(f"n_layer={cfg.n_layer}: RWKV-7's init needs at least 2 layers")
     if min(cfg.batches + cfg.lengths) < 1 or cfg.decode_tokens < 1 or cfg.prefill_reps < 1:
         raise HarnessError("batches, lengths, decode_tokens and prefill_reps must be at least 1")
     cuda = cfg.device.startswith("cuda")
@@ -807,9 +810,78 @@ def plot(frame: pd.DataFrame, figures_dir: Path) -> list[Path]:
     return paths
 
 
-def main(overrides: list[str], plot_only: bool = False) -> None:
+# --- operator count of one decode step -------------------------------------------------------------------------
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the operators one region dispatches, leaving out those that only relabel memory (views)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.overloadpacket is not torch.ops.aten._unsafe_view:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step_ops(decoder: Decoder, batch: int = 1, prompt: int = 16) -> int:
+    """Operators one decode step dispatches after a prompt of ``prompt`` tokens: on a GPU each is about one kernel
+    launch, which is what a decode step of a small model costs even as a CUDA graph."""
+    device = next(decoder.module.parameters()).device
+    idx = torch.randint(0, 2, (batch, prompt), device=device)  # ids every vocabulary has
+    with torch.no_grad():
+        _, state = decoder.prefill(idx, prompt + 2)
+        decoder.step(idx[:, -1:], state)  # first-call work (caches, lazy allocations) stays out of the count
+        with _OpCounter() as counter:
+            decoder.step(idx[:, -1:], state)
+    return counter.count
+
+
+def ops_table(cfg: InferenceConfig) -> pd.DataFrame:
+    """One row per decoder of ``cfg``: operators per decode step, in total and per layer."""
+    rows = []
+    for decoder in build_decoders(cfg):
+        ops = step_ops(decoder)
+        rows.append({"model": decoder.model_name, "impl": decoder.impl, "layers": decoder.layers(),
+                     "ops_per_step": ops, "ops_per_layer": ops / decoder.layers(), "device": cfg.device,
+                     "dtype": cfg.dtype, "torch": torch.__version__})
+    return pd.DataFrame(rows)
+
+
+def summary_table(frame: pd.DataFrame, lengths: tuple[int, ...] | None = None) -> pd.DataFrame:
+    """Per (model, impl, batch): median decode ms at each of ``lengths`` that was measured (default: the longest L
+    and every eighth of it below that was measured), and the state or cache (MiB, measured) and peak memory over the
+    weights during decoding (MiB) at the longest measured L."""
+    ok = frame[frame["status"] == "ok"]
+    measured = set(ok["L"])
+    if lengths is None:
+        top = max(measured, default=0)
+        lengths = tuple(top // 8**i for i in range(8) if top % 8**i == 0 and top // 8**i in measured)
+    shown = sorted(length for length in lengths if length in measured)
+    rows = []
+    for (model, impl, batch), runs in ok.groupby(["model", "impl", "batch"], sort=True):
+        by_length = runs.set_index("L")
+        longest = by_length.loc[by_length.index.max()]
+        rows.append({"model": model, "impl": impl, "batch": batch, "params": int(longest["params"]),
+                     **{f"decode_ms_L{length}": by_length["decode_ms_median"].get(length) for length in shown},
+                     "at_L": int(by_length.index.max()),
+                     "state_mib": longest["state_bytes_measured"] / 2**20,
+                     "decode_peak_mib": longest["decode_peak_bytes"] / 2**20})
+    return pd.DataFrame(rows)
+
+
+def main(overrides: list[str], plot_only: bool = False, count_ops: bool = False) -> None:
     """The ``inference`` subcommand of ``python -m harness.bench`` (whose main turns HarnessErrors into one line)."""
     cfg = parse_overrides(overrides, InferenceConfig())
+    if count_ops:
+        validate(cfg)
+        path = Path(cfg.out) / "inference_ops.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ops_table(cfg).to_csv(path, index=False)
+        print(f"wrote {path}")
+        return
     csv_path = Path(cfg.out) / "inference.csv"
     if not plot_only:
         run_grid(cfg, csv_path)

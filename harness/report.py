@@ -300,12 +300,56 @@ def overhead_markdown(results_dir: Path) -> list[str]:
     ]
 
 
+def kernels_markdown(results_dir: Path) -> list[str]:
+    """Which WKV kernel is fastest where (results/bench/kernels.csv, ``python -m harness.bench kernels``)."""
+    from harness import bench_kernels
+
+    path = results_dir / "bench" / "kernels.csv"
+    if not path.exists():
+        return []
+    frame = bench_kernels.read_csv(path)
+    first = frame.iloc[0]
+    return [
+        "### WKV op: fastest kernel per shape",
+        f"From results/bench/kernels.csv (`python -m harness.bench kernels`; times and errors in "
+        f"results/bench/kernels.md): bf16, N={first['N']}, {bench_kernels.device_label(first)}, commit "
+        f"{str(first['git_commit'])[:8]}. {bench_kernels.FASTEST_NOTE}",
+        bench_kernels.fastest_markdown(frame),
+    ]
+
+
+def inference_markdown(results_dir: Path) -> list[str]:
+    """Decode latency and state size vs context (results/bench/inference.csv, ``python -m harness.bench inference``)."""
+    from harness import inference
+
+    path = results_dir / "bench" / "inference.csv"
+    if not path.exists():
+        return []
+    frame = inference.read_csv(path)
+    first = frame.iloc[0]
+    lines = [
+        "### Decoding: per-token latency and state vs context length",
+        f"From results/bench/inference.csv (`python -m harness.bench inference`): {first['size']}, {first['dtype']}, "
+        f"{inference.device_label(first)}, commit {str(first['git_commit'])[:8]}. `decode_ms_L*`: median ms per "
+        f"decode step after a prefill of L tokens; `state_mib`: the measured state or KV cache and "
+        f"`decode_peak_mib`: peak allocated memory over the weights while decoding, both at `at_L`.",
+        markdown_table(inference.summary_table(frame)),
+    ]
+    ops_path = results_dir / "bench" / "inference_ops.csv"
+    if ops_path.exists():
+        lines += ["Operators one decode step dispatches (results/bench/inference_ops.csv, "
+                  "`python -m harness.bench inference --count-ops device=cpu dtype=fp32 impls=reference`; on a GPU "
+                  "each is about one kernel launch):", markdown_table(pd.read_csv(ops_path))]
+    return lines
+
+
 def summary_markdown(throughput: pd.DataFrame, losses: pd.DataFrame, steps: pd.DataFrame,
-                     bench: pd.DataFrame | None = None, overhead: list[str] | None = None) -> str:
+                     bench: pd.DataFrame | None = None, extra: list[str] | None = None) -> str:
+    """The summary: bare steps, then ``extra`` sections (trainer overhead, kernels, decoding), then training runs."""
     gpus = ", ".join(sorted(steps["gpu"].dropna().unique()))
     return "\n\n".join([
         *bench_markdown(bench),
-        *(overhead or []),
+        *(extra or []),
         "### Throughput (kilo-tokens/s)",
         f"Per-step kt/s after the warm-up steps; `iqr_removed` steps fell outside Tukey's 1.5 x IQR fences. "
         f"`kt_s_aggregate` is total tokens / total step time over the same window (checkpoint writes left out in runs "
@@ -371,7 +415,8 @@ def build_report(results_dir: Path, figures_dir: Path, experiments: list[str] | 
             written.append(out / "loss_gap.png")
     bench = bench_table(results_dir)
     throughput = with_bare_ratio(throughput, bench)
-    summary = summary_markdown(throughput, losses, steps, bench, overhead_markdown(results_dir))
+    extra = overhead_markdown(results_dir) + kernels_markdown(results_dir) + inference_markdown(results_dir)
+    summary = summary_markdown(throughput, losses, steps, bench, extra)
     (results_dir / "summary.md").write_text(summary)
     written.append(results_dir / "summary.md")
     if csv:

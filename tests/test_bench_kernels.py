@@ -203,3 +203,19 @@ def test_quick_grid_writes_its_own_files_beside_the_full_grid(tmp_path: Path) ->
     assert set(frame["T"]) == {16} and set(frame["B"]) == set(bk.QUICK.B) and set(frame["H"]) == set(bk.QUICK.H)
     assert not (tmp_path / "kernels.csv").exists()
     assert (tmp_path / "kernels_quick.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_fastest_kernel_and_its_margin_per_shape() -> None:
+    def row(kernel: str, T: int, ms: float, status: str = "ok") -> dict:
+        return {"kernel": kernel, "mode": "fwd", "B": 1, "H": 12, "T": T, "median_ms": ms, "status": status}
+
+    frame = pd.DataFrame([row("cuda", 256, 0.1), row("fla_chunk", 256, 0.3), row("reference", 256, 50.0),
+                          row("cuda", 4096, 2.0), row("fla_chunk", 4096, 0.5),
+                          row("cuda", 16384, 8.0), row("fla_chunk", 16384, math.nan, "oom")])
+    best = bk.fastest_kernels(frame).set_index("T")
+    assert list(best["fastest"]) == ["cuda", "fla_chunk", "cuda"]
+    assert best.loc[256, "margin"] == pytest.approx(3.0) and best.loc[256, "runner_up"] == "fla_chunk"
+    assert best.loc[4096, "margin"] == pytest.approx(4.0)
+    assert math.isnan(best.loc[16384, "margin"])  # the only kernel timed there
+    table = bk.fastest_markdown(frame)
+    assert "| fwd | 1 | 12 | cuda 3.00x | fla_chunk 4.00x | cuda (alone) |" in table

@@ -210,6 +210,43 @@ def test_bench_writes_a_tidy_csv_and_figures(tmp_path: Path) -> None:
     assert all((tmp_path / "fig" / f"inference_{n}.png").read_bytes() == data for n, data in figures.items())
 
 
+def test_summary_table_reads_latency_at_chosen_lengths_and_state_at_the_longest(tmp_path: Path) -> None:
+    bench_main(["inference", *TINY, f"out={tmp_path}", f"figures={tmp_path}/fig"])
+    frame = inference.read_csv(tmp_path / "inference.csv")
+    table = inference.summary_table(frame, lengths=(8, 16, 4096))  # 4096 was not measured: no column
+    assert [c for c in table.columns if c.startswith("decode_ms_")] == ["decode_ms_L8", "decode_ms_L16"]
+    assert len(table) == 3 * 2 and set(table["at_L"]) == {16}
+    row = table[(table["model"] == "transformer") & (table["batch"] == 2)].iloc[0]
+    source = frame[(frame["model"] == "transformer") & (frame["batch"] == 2)].set_index("L")
+    assert row["decode_ms_L8"] == source.loc[8, "decode_ms_median"]
+    assert row["state_mib"] == source.loc[16, "state_bytes_measured"] / 2**20
+
+
+def test_step_ops_counts_compute_not_views() -> None:
+    class Doubler:
+        model_name, impl = "toy", "toy"
+        module = torch.nn.Linear(4, 4)
+
+        def prefill(self, idx, capacity):
+            return None, None
+
+        def step(self, idx, state):
+            x = idx.view(-1, 1).expand(-1, 4).reshape(-1, 4)  # views only
+            return (x * 2) + 1  # two operators
+
+    assert inference.step_ops(Doubler()) == 2
+
+
+def test_op_count_file_has_one_row_per_model(tmp_path: Path) -> None:
+    bench_main(["inference", "--count-ops", *TINY, f"out={tmp_path}"])
+    frame = __import__("pandas").read_csv(tmp_path / "inference_ops.csv")
+    assert list(frame["model"]) == ["rwkv", "transformer", "lstm"]
+    assert (frame["ops_per_layer"] == frame["ops_per_step"] / frame["layers"]).all()
+    # RWKV-7's step (token shifts, five LoRAs, the WKV update, group norm) dispatches more per layer than attention
+    rwkv, transformer = frame["ops_per_layer"].iloc[0], frame["ops_per_layer"].iloc[1]
+    assert rwkv > 2 * transformer > 0
+
+
 def test_out_of_memory_is_a_status_and_skips_longer_contexts(tmp_path: Path, monkeypatch) -> None:
     measure = inference.measure
 
@@ -248,6 +285,7 @@ def test_time_budget_skips_the_rest(tmp_path: Path) -> None:
     (["impls=rwkv"], "needs a CUDA GPU"),
     (["impls=cuda"], "unknown RWKV impl(s) cuda"),
     (["dtype=fp16"], "dtype=fp16"),
+    (["n_layer=1"], "at least 2 layers"),
     pytest.param(["device=cuda"], "no CUDA GPU", marks=pytest.mark.skipif(torch.cuda.is_available(),
                                                                          reason="a GPU is visible")),
 ])

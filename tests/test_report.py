@@ -124,3 +124,24 @@ def test_an_experiment_mixing_corpora_is_flagged():
     assert "mixes 2 different data files" in warning and "fla-shared-bsz2-seed0" in warning
     steps["data_sha256"] = "aaa"
     assert mixed_corpus_warnings(steps) == []
+
+
+def test_report_embeds_the_kernel_winners_and_the_decoding_table(tmp_path):
+    from harness.bench import main as bench_main
+    from harness.bench_kernels import fastest_kernels, read_csv
+
+    results = tmp_path / "results"
+    shutil.copytree(FIXTURE, results)
+    bench = results / "bench"
+    bench_main(["kernels", "kernels=reference", "T=16,32", "B=1", "H=2", "N=16", "device=cpu", f"out={bench}",
+                f"figures={tmp_path}"])
+    bench_main(["inference", "device=cpu", "dtype=fp32", "impls=reference", "n_layer=2", "n_embd=64",
+                "head_size=32", "vocab=97", "lengths=8", "batches=1", "decode_warmup=1", "decode_tokens=2",
+                "prefill_reps=1", f"out={bench}", f"figures={tmp_path}"])
+    build_report(results, tmp_path / "figures")
+    summary = (results / "summary.md").read_text()
+    assert "### WKV op: fastest kernel per shape" in summary and "### Decoding: per-token latency" in summary
+    best = fastest_kernels(read_csv(bench / "kernels.csv"))
+    assert set(best["fastest"]) == {"reference"} and best["margin"].isna().all()  # one kernel: "(alone)"
+    assert "| fwd | 1 | 2 | reference (alone) | reference (alone) |" in summary
+    assert "| model | impl | batch | params | decode_ms_L8 | at_L | state_mib | decode_peak_mib |" in summary
