@@ -759,7 +759,7 @@ def _figure(frame: pd.DataFrame, path: Path, title: str, ylabel: str,
     batches = sorted(frame["batch"].unique())
     lines = sorted(frame[["model", "impl"]].drop_duplicates().itertuples(index=False, name=None))
     colors = {line: plt.get_cmap("tab10")(i) for i, line in enumerate(lines)}
-    fig, axes = plt.subplots(1, len(batches), figsize=(5.2 * len(batches), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.2 * len(batches) + 2.6, 4.2), squeeze=False)
     lengths = sorted(frame["L"].unique())
     for ax, batch in zip(axes[0], batches, strict=True):
         for (model, impl), rows in ok[ok["batch"] == batch].groupby(["model", "impl"], sort=True):
@@ -771,8 +771,9 @@ def _figure(frame: pd.DataFrame, path: Path, title: str, ylabel: str,
             ax.set_yscale("log")
         ax.set(title=f"batch {batch}", xlabel="context length L (prefill tokens)", ylabel=ylabel)
         ax.grid(alpha=0.3, which="both")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+    last = axes[0][-1]
+    if last.get_legend_handles_labels()[0]:  # the same lines in every panel: one legend, beside the last
+        last.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     first = frame.iloc[0]
     finish_figure(fig, path, f"{title}: {first['size']}, parameter-matched baselines, {first['dtype']}, "
                              f"{device_label(first)}, torch {first['torch']}")
