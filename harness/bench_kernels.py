@@ -390,11 +390,13 @@ def grid(cfg: KernelBenchConfig, kernels: list[Kernel]) -> Iterator[tuple[int, i
 
 def _skip_reason(kernel: Kernel, mode: str, B: int, T: int, H: int, blocked: dict[tuple, str],
                  cfg: KernelBenchConfig, elapsed_s: float) -> str | None:
+    if kernel.max_T is not None and T > kernel.max_T:  # permanent reasons first: a resumed grid leaves them be
+        return f"skipped (kernel limit T<={kernel.max_T})"
+    if reason := blocked.get((kernel.name, mode, B, H)):
+        return reason
     if cfg.budget_s and elapsed_s > cfg.budget_s:
         return f"skipped (time budget budget_s={cfg.budget_s:g} used up)"
-    if kernel.max_T is not None and T > kernel.max_T:
-        return f"skipped (kernel limit T<={kernel.max_T})"
-    return blocked.get((kernel.name, mode, B, H))
+    return None
 
 
 def _progress(row: dict[str, object], elapsed_s: float) -> str:

@@ -80,6 +80,14 @@ def test_time_budget_skips_the_rest_but_still_writes_everything(tmp_path: Path) 
     assert (tmp_path / "kernels.png").exists() and "skipped" in (tmp_path / "kernels.md").read_text()
 
 
+def test_a_permanent_skip_reason_outranks_the_time_budget(tmp_path: Path) -> None:
+    beyond = bk.REFERENCE_MAX_T * 2  # never run: the reference loop stops at REFERENCE_MAX_T
+    frame = run_cli(tmp_path, "kernels=reference", f"T=8,{beyond}", "B=1", "H=1", "N=8", "device=cpu",
+                    "budget_s=1e-9", "modes=fwd")
+    assert dict(zip(frame["T"], frame["status"], strict=True)) == {
+        8: "skipped (time budget budget_s=1e-09 used up)", beyond: f"skipped (kernel limit T<={bk.REFERENCE_MAX_T})"}
+
+
 def test_checkpointed_fp64_reference_equals_the_plain_loop(monkeypatch) -> None:
     monkeypatch.setattr(bk, "REF_SEGMENT", 8)
     inputs = bk.realistic_wkv_inputs(2, 20, 2, 8, seed=3)
