@@ -46,6 +46,7 @@ def load_runs(results_dir: Path) -> pd.DataFrame:
             impl=config.get("impl", {}).get("name"), init=config.get("init", {}).get("mode"),
             bsz=config.get("bsz"), grouping=config.get("optim", {}).get("grouping"), seed=config.get("seed"),
             gpu=_gpu_of(run), status=run.get("status"), strategy=run.get("trainer", {}).get("strategy"),
+            world_size=run.get("trainer", {}).get("world_size", 1),
             data_sha256=run.get("data", {}).get("sha256"),
         )
         frames.append(steps)
@@ -135,6 +136,58 @@ def loss_table(steps: pd.DataFrame) -> pd.DataFrame:
                      f"loss_last{LAST_STEPS}": mean, "ci95": half, "common_steps": f"{start}-{end - 1}",
                      "loss_common": float(common)})
     return pd.DataFrame(rows)
+
+
+SCALING_KEYS = ["experiment", "impl", "init", "grouping", "seed", "global_bsz"]
+SCALING_STEPS = 200  # issue 9: losses of 1 and N GPUs compared over the first 200 steps
+SMOOTH = 25
+
+
+def _aggregate_kt(run: pd.DataFrame) -> float:
+    """``kt_s_aggregate`` of one run (NaN when it has no step after warm-up)."""
+    table = throughput_table(run.reset_index())
+    return float(table["kt_s_aggregate"].iloc[0]) if len(table) else np.nan
+
+
+def scaling_table(steps: pd.DataFrame) -> pd.DataFrame:
+    """Runs that differ only in their GPU count (same arm, seed and global batch): kt/s per world size, the speedup
+    over the fewest GPUs and its efficiency, and how far the losses of the first ``SCALING_STEPS`` steps are from
+    the fewest GPUs' run (mean |difference| per step, and the largest |difference| of their SMOOTH-step means)."""
+    frame = steps.assign(global_bsz=steps["bsz"] * steps["world_size"])
+    rows = []
+    for key, group in frame.groupby(SCALING_KEYS, dropna=False, sort=True):
+        if group["world_size"].nunique() < 2:
+            continue
+        runs = {int(ws): run.sort_values("step").set_index("step") for ws, run in group.groupby("world_size")}
+        base_ws = min(runs)
+        base = runs[base_ws]
+        base_kt = _aggregate_kt(base)
+        for ws, run in runs.items():
+            kt = _aggregate_kt(run)
+            common = base.index.intersection(run.index)
+            common = common[common < SCALING_STEPS]
+            diff = run.loc[common, "loss"] - base.loc[common, "loss"]
+            smooth = diff.rolling(SMOOTH, min_periods=1).mean().abs()
+            rows.append({**dict(zip(SCALING_KEYS, key, strict=True)), "world_size": ws,
+                         "bsz_per_gpu": int(run["bsz"].iloc[0]), "gpu": run["gpu"].iloc[0], "kt_s_aggregate": kt,
+                         "speedup": kt / base_kt, "efficiency": kt / base_kt * base_ws / ws,
+                         "loss_steps": f"0-{int(common.max())}" if len(common) else "–",
+                         "loss_mean_abs_diff": float(diff.abs().mean()) if len(common) else np.nan,
+                         f"loss_max_abs_diff_{SMOOTH}step": float(smooth.max()) if len(common) else np.nan})
+    return pd.DataFrame(rows)
+
+
+def scaling_markdown(steps: pd.DataFrame) -> list[str]:
+    table = scaling_table(steps)
+    if table.empty:
+        return []
+    return [
+        "### Scaling across GPUs",
+        f"Runs that differ only in their GPU count, at the same global batch and seed (the sampler gives them the "
+        f"same samples): `speedup` over the fewest GPUs, `efficiency` = speedup per added GPU, and the loss "
+        f"difference to the fewest GPUs' run over the first {SCALING_STEPS} steps.",
+        markdown_table(table),
+    ]
 
 
 # --- figures ---------------------------------------------------------------------------------------------
@@ -356,6 +409,7 @@ def summary_markdown(throughput: pd.DataFrame, losses: pd.DataFrame, steps: pd.D
         f"whose steps.csv has `checkpoint_s`); "
         f"`vs_bare` divides it by the bare step of the same impl and bsz on the same GPU. Hardware: {gpus}.",
         markdown_table(throughput),
+        *scaling_markdown(steps),
         f"### Loss (mean over the last {LAST_STEPS} steps)",
         "`ci95`: half-width of the 95% t-interval across seeds (– with one seed). `loss_common`: the same mean over "
         "`common_steps`, the last steps that every run of the experiment reached.",

@@ -15,6 +15,7 @@ from harness.report import (
     loss_table,
     mean_ci95,
     mixed_corpus_warnings,
+    scaling_table,
     throughput_table,
     tukey_filter,
     with_bare_ratio,
@@ -145,3 +146,27 @@ def test_report_embeds_the_kernel_winners_and_the_decoding_table(tmp_path):
     assert set(best["fastest"]) == {"reference"} and best["margin"].isna().all()  # one kernel: "(alone)"
     assert "| fwd | 1 | 2 | reference (alone) | reference (alone) |" in summary
     assert "| model | impl | batch | params | decode_ms_L8 | at_L | state_mib | decode_peak_mib |" in summary
+
+
+def test_scaling_table_pairs_runs_that_differ_only_in_gpu_count():
+    import pandas as pd
+
+    def run(run_id: str, world_size: int, bsz: int, step_time: float, loss_shift: float, steps: int = 300):
+        return pd.DataFrame({"experiment": "scale", "run_id": run_id, "impl": "rwkv_jit", "init": "shared",
+                             "grouping": "by_role", "seed": 0, "bsz": bsz, "world_size": world_size, "gpu": "G",
+                             "strategy": "deepspeed_stage_2", "step": range(steps),
+                             "tokens": [(s + 1) * 96 * 512 for s in range(steps)],
+                             "loss": [5.0 - s / 100 + loss_shift * (s % 2) for s in range(steps)],
+                             "kt_per_s": 96 * 512 / step_time / 1000, "step_time_s": step_time,
+                             "warmup": [int(s < 10) for s in range(steps)]})
+
+    steps = pd.concat([run("one", 1, 96, 0.4, 0.0), run("two", 2, 48, 0.21, 0.02),
+                       run("lonely", 1, 48, 0.2, 0.0).assign(experiment="other")], ignore_index=True)
+    table = scaling_table(steps).set_index("world_size")
+    assert list(table.index) == [1, 2]  # the run without a partner is not a scaling pair
+    assert table.loc[2, "speedup"] == pytest.approx(0.4 / 0.21) and table.loc[2, "efficiency"] == pytest.approx(
+        0.4 / 0.21 / 2)
+    assert table.loc[2, "loss_steps"] == "0-199"  # the first SCALING_STEPS steps only
+    assert table.loc[2, "loss_mean_abs_diff"] == pytest.approx(0.01)  # 0.02 on every other step
+    assert table.loc[2, "loss_max_abs_diff_25step"] == pytest.approx(13 * 0.02 / 25)  # 13 odd steps in a window
+    assert table.loc[1, "loss_mean_abs_diff"] == 0.0

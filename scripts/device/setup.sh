@@ -28,6 +28,14 @@ return_device_records() {
   [ "${SAVE_TRITON_CACHE:-0}" = 1 ] || return 0
   tar cf - -C "$TRITON_CACHE_DIR" . | xz -T16 -6 | split -b 15M - "$OUT/triton-cache.tar.xz.part-"
 }
+# Into $OUT as NAME.tgz: the logs (steps.csv, run.json; no checkpoints or init files) of the experiments under
+# $STUDY_RESULTS matching PATTERN, with the machine's results folder written as results/ in the records.
+return_run_logs() {  # return_run_logs PATTERN NAME
+  rm -rf /tmp/run-logs && mkdir -p /tmp/run-logs
+  (cd "$STUDY_RESULTS" && tar cf - --exclude=checkpoints --exclude=init ./$1) | tar xf - -C /tmp/run-logs
+  find /tmp/run-logs -name run.json -exec sed -i "s#$STUDY_RESULTS#results#g" {} +
+  tar czf "$OUT/$2.tgz" -C /tmp/run-logs .
+}
 if [ -f .device/corpus.bin.xz ] && [ ! -f data/corpus.bin ]; then
   xz -d -T8 -c .device/corpus.bin.xz > data/corpus.bin
   cp .device/corpus.idx data/

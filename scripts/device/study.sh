@@ -16,10 +16,6 @@ for arm in "$@"; do
     bsz=$BSZ trainer.max_steps=$STEPS trainer.ckpt_every=$CKPT_EVERY results_dir=$STUDY_RESULTS ${EXTRA:-} \
     2>&1 | grep -vE "Warning|warn" | tail -4
 done
-# Logs only (no checkpoints or init files), with the machine's results folder written as results/ in the records.
-rm -rf /tmp/study-out && mkdir -p /tmp/study-out
-(cd "$STUDY_RESULTS" && tar cf - --exclude=checkpoints --exclude=init ./study-*) | tar xf - -C /tmp/study-out
-sed -i "s#$STUDY_RESULTS#results#g" /tmp/study-out/*/*/run.json
-tar czf "$OUT/study-results.tgz" -C /tmp/study-out .
+return_run_logs "study-*" study-results
 return_device_records
 ls -la "$OUT"
