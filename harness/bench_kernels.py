@@ -61,7 +61,7 @@ from harness.autotune_cache import activate_for_fla
 from harness.bench import free_memory, guarded_measurement, parse_overrides, synchronize, with_environment
 from harness.env import environment, gpu_info
 from harness.errors import HarnessError
-from harness.results import csv_cells, read_bench_csv
+from harness.results import BUDGET_SKIP, blocked_after_failures, csv_cells, read_bench_csv, resumable_rows
 from impls.reference import W_SCALE, wkv7_reference
 
 Op = Callable[..., torch.Tensor]  # op(r, w, k, v, a, b) -> y, all (B, T, H, N)
@@ -440,31 +440,17 @@ def time_case(kernel: Kernel, op: Op, mode: str, shape: ShapeInputs, blocked: di
     return result
 
 
-BUDGET_SKIP = "skipped (time budget"
 RowKey = tuple[str, str, int, int, int]  # kernel, mode, B, T, H
 
 
 def earlier_rows(csv_path: Path, cfg: KernelBenchConfig) -> dict[RowKey, dict[str, str]]:
     """Rows of an earlier run to keep with ``resume=true``: those measured on the same device, GPU model and N,
-    except the ones its time budget skipped; as written. (Rows of another GPU are measured again, not mixed in.)"""
-    if not (cfg.resume and csv_path.exists()):
+    except the ones its time budget skipped; as written."""
+    if not cfg.resume:
         return {}
-    with csv_path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    if rows and list(rows[0]) != list(FIELDS):
-        raise HarnessError(f"{csv_path} has other columns than this version writes; use another name= or "
-                           "resume=false")
-    gpu = gpu_info()["gpu"] or ""  # what with_environment writes into every row of this machine
-    return {(r["kernel"], r["mode"], int(r["B"]), int(r["T"]), int(r["H"])): r for r in rows
-            if not r["status"].startswith(BUDGET_SKIP) and r["device"] == cfg.device and int(r["N"]) == cfg.N
-            and (r["gpu"] or "") == gpu}
-
-
-def blocked_by(kept: dict[RowKey, dict[str, str]]) -> dict[tuple, str]:
-    """(kernel, mode, B, H) -> skip status, for kept rows that failed (oom, too_slow, error): larger T stay skipped."""
-    return {(kernel, mode, B, H): f"skipped ({row['status'].split()[0]} at T={T})"
-            for (kernel, mode, B, T, H), row in sorted(kept.items(), key=lambda item: -item[0][3])
-            if row["status"] != "ok" and not row["status"].startswith("skipped")}
+    same = {"device": cfg.device, "N": str(cfg.N), "gpu": gpu_info()["gpu"] or ""}  # as with_environment writes
+    return {(r["kernel"], r["mode"], int(r["B"]), int(r["T"]), int(r["H"])): r
+            for r in resumable_rows(csv_path, FIELDS, same)}
 
 
 def run_grid(cfg: KernelBenchConfig, csv_path: Path) -> None:
@@ -475,7 +461,7 @@ def run_grid(cfg: KernelBenchConfig, csv_path: Path) -> None:
     accuracy = Accuracy(cfg, kernels, ops)
     fixed = {"N": cfg.N, "dtype": str(DTYPE).removeprefix("torch."), "device": cfg.device,
              **with_environment({}, environment())}
-    blocked = blocked_by(kept)
+    blocked = blocked_after_failures(kept, swept=3, name="T")
     budget_skips = 0
     start = time.perf_counter()
     csv_path.parent.mkdir(parents=True, exist_ok=True)

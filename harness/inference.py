@@ -38,8 +38,9 @@ and (decode) the graph's pool; ``peak_mem_gib`` = this model's weights + the lar
 
 Grid: L ascending (outermost), then batch, then model. An out-of-memory error, a failure or a warm-up prefill slower
 than ``max_prefill_s`` is recorded as the row's status and skips larger L for that (model, impl, batch);
-``time_budget_s`` > 0 stops measuring after that many seconds (remaining rows ``skipped (time budget ...)``). Rows go
-to ``<out>/inference.csv`` as they are measured (one run per file, with the environment); figures to
+``time_budget_s`` > 0 stops measuring after that many seconds (remaining rows ``skipped (time budget ...)``), and
+``resume=true`` keeps the rows of the existing CSV measured with the same model size, dtype, device and GPU model and
+measures only the rest. Rows go to ``<out>/inference.csv`` as they are measured (with the environment); figures to
 ``<figures>/inference_{latency,memory,prefill}.png``; ``--plot-only`` redraws them from the CSV.
 """
 
@@ -66,10 +67,10 @@ import impls
 from harness.autotune_cache import activate_for_fla
 from harness.bench import guarded_measurement, parse_overrides, synchronize, with_environment
 from harness.bench_kernels import device_label, log_decay
-from harness.env import environment
+from harness.env import environment, gpu_info
 from harness.errors import HarnessError
 from harness.model import RWKV, ModelConfig, count_parameters
-from harness.results import csv_cells, read_bench_csv
+from harness.results import BUDGET_SKIP, blocked_after_failures, csv_cells, read_bench_csv, resumable_rows
 from impls.reference import W_SCALE, wkv7_reference
 from impls.wkv7_cuda import CHUNK_LEN, load_extension
 
@@ -549,6 +550,7 @@ class InferenceConfig:
     graphs: int = 1  # 1: decode steps as CUDA graphs (on a GPU)
     max_prefill_s: float = 30.0  # a slower warm-up prefill skips this and larger L for the model
     time_budget_s: float = 0.0  # 0: no limit
+    resume: bool = False  # keep the rows of out/inference.csv measured with this set-up; measure the rest
     seed: int = 0
     device: str = "cuda"
     out: str = "results/bench"
@@ -697,14 +699,31 @@ def warm_start(decoders: list[Decoder], cfg: InferenceConfig) -> dict[tuple[str,
     return blocked
 
 
+RowKey = tuple[str, str, int, int]  # model, impl, batch, L
+
+
+def earlier_rows(csv_path: Path, cfg: InferenceConfig) -> dict[RowKey, dict[str, str]]:
+    """Rows of an earlier run to keep with ``resume=true``: those of the same model size, dtype, device and GPU model,
+    except the ones its time budget skipped; as written."""
+    if not cfg.resume:
+        return {}
+    same = {"size": f"L{cfg.n_layer}-D{cfg.n_embd}", "dtype": cfg.dtype, "device": cfg.device,
+            "gpu": gpu_info()["gpu"] or ""}  # as with_environment writes
+    return {(r["model"], r["impl"], int(r["batch"]), int(r["L"])): r for r in resumable_rows(csv_path, FIELDS, same)}
+
+
 def run_grid(cfg: InferenceConfig, csv_path: Path) -> pd.DataFrame:
-    """Measure the grid, writing each row to ``csv_path`` as soon as it is measured; returns all rows."""
+    """Measure the grid, writing each row to ``csv_path`` as soon as it is measured (rows kept by ``resume`` as they
+    were); returns all rows."""
     validate(cfg)
+    kept = earlier_rows(csv_path, cfg)
     start = time.perf_counter()
     decoders = build_decoders(cfg)
     fixed = {"size": f"L{cfg.n_layer}-D{cfg.n_embd}", "dtype": cfg.dtype, "device": cfg.device,
              **with_environment({}, environment())}
-    blocked = warm_start(decoders, cfg)
+    pending = [d for d in decoders if any((d.model_name, d.impl, batch, length) not in kept
+                                          for batch in cfg.batches for length in cfg.lengths)]
+    blocked = blocked_after_failures(kept, swept=3, name="L") | warm_start(pending, cfg)
     rows: list[dict[str, object]] = []
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with csv_path.open("w", newline="") as handle:
@@ -714,23 +733,33 @@ def run_grid(cfg: InferenceConfig, csv_path: Path) -> pd.DataFrame:
             for batch in cfg.batches:
                 for decoder in decoders:
                     key = (decoder.model_name, decoder.impl, batch)
-                    row = {**fixed, "model": decoder.model_name, "impl": decoder.impl, "batch": batch, "L": length,
-                           "params": count_parameters(decoder.module), "layers": decoder.layers()}
-                    elapsed = time.perf_counter() - start
-                    if cfg.time_budget_s and elapsed > cfg.time_budget_s:
-                        row["status"] = f"skipped (time budget time_budget_s={cfg.time_budget_s:g} used up)"
-                    elif key in blocked:
-                        row["status"] = blocked[key]
-                    else:
-                        row |= guarded_measurement(partial(measure, decoder, batch, length, cfg), cfg.device,
-                                                  reported=(TooSlow,))
-                        if row["status"] != "ok":
-                            blocked[key] = f"skipped ({str(row['status']).split()[0]} at L={length})"
-                    rows.append(csv_cells(row, FIELDS))
-                    writer.writerow(rows[-1])
+                    row = kept.get((*key, length))
+                    if row is None:
+                        row = {**fixed, "model": decoder.model_name, "impl": decoder.impl, "batch": batch,
+                               "L": length, "params": count_parameters(decoder.module), "layers": decoder.layers()}
+                        row |= _measure_or_skip(decoder, batch, length, cfg, blocked, time.perf_counter() - start)
+                        row = csv_cells(row, FIELDS)
+                        print(_progress(row, time.perf_counter() - start), flush=True)
+                    rows.append(row)
+                    writer.writerow(row)
                     handle.flush()
-                    print(_progress(rows[-1], time.perf_counter() - start), flush=True)
+    if budget_skips := sum(str(row["status"]).startswith(BUDGET_SKIP) for row in rows):
+        print(f"{budget_skips} rows skipped by the time budget; the same command with resume=true measures only those")
     return pd.DataFrame(rows, columns=list(FIELDS))
+
+
+def _measure_or_skip(decoder: Decoder, batch: int, length: int, cfg: InferenceConfig,
+                     blocked: dict[tuple[str, str, int], str], elapsed_s: float) -> dict[str, object]:
+    """One row's measured columns, or its skip status: an earlier failure first (it is permanent), then the budget."""
+    key = (decoder.model_name, decoder.impl, batch)
+    if key in blocked:
+        return {"status": blocked[key]}
+    if cfg.time_budget_s and elapsed_s > cfg.time_budget_s:
+        return {"status": f"skipped (time budget time_budget_s={cfg.time_budget_s:g} used up)"}
+    result = guarded_measurement(partial(measure, decoder, batch, length, cfg), cfg.device, reported=(TooSlow,))
+    if result["status"] != "ok":
+        blocked[key] = f"skipped ({str(result['status']).split()[0]} at L={length})"
+    return result
 
 
 # --- figures ----------------------------------------------------------------------------------------------------

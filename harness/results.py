@@ -47,6 +47,33 @@ def read_bench_csv(path: Path, fields: tuple[str, ...], command: str, dtypes: di
     return frame
 
 
+BUDGET_SKIP = "skipped (time budget"  # the status prefix of rows a benchmark's time budget left unmeasured
+
+
+def resumable_rows(csv_path: Path, fields: tuple[str, ...], same_setup: dict[str, str]) -> list[dict[str, str]]:
+    """The rows of an earlier benchmark CSV that a resumed run keeps, as written: those whose columns match
+    ``same_setup`` (device, GPU model, shapes that are not swept, ...), except the rows its time budget skipped.
+    Rows of another set-up are measured again, never mixed in."""
+    from harness.errors import HarnessError
+
+    if not csv_path.exists():
+        return []
+    with csv_path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if rows and tuple(rows[0]) != fields:
+        raise HarnessError(f"{csv_path} has other columns than this version writes; write elsewhere or resume=false")
+    return [row for row in rows if not row["status"].startswith(BUDGET_SKIP)
+            and all((row[key] or "") == value for key, value in same_setup.items())]
+
+
+def blocked_after_failures(kept: dict[tuple, dict[str, str]], swept: int, name: str) -> dict[tuple, str]:
+    """For kept rows that failed (oom, too_slow, error): their key without position ``swept`` -> the skip status of
+    every larger value there, since a shape that failed fails larger. ``name`` names the swept column."""
+    return {key[:swept] + key[swept + 1:]: f"skipped ({row['status'].split()[0]} at {name}={key[swept]})"
+            for key, row in sorted(kept.items(), key=lambda item: -item[0][swept])
+            if row["status"] != "ok" and not row["status"].startswith("skipped")}
+
+
 def portable_path(path: Path) -> str:
     """``path`` relative to the working directory when it lies inside it, so records do not name this machine."""
     try:

@@ -280,6 +280,45 @@ def test_time_budget_skips_the_rest(tmp_path: Path) -> None:
     assert all(r["status"].startswith("skipped (time budget") for r in read_rows(tmp_path / "inference.csv"))
 
 
+def test_resume_measures_only_what_the_budget_skipped_and_keeps_the_rest_as_written(tmp_path: Path) -> None:
+    run = ["inference", *TINY, f"out={tmp_path}", f"figures={tmp_path}"]
+    csv_path = tmp_path / "inference.csv"
+    bench_main([*run, "time_budget_s=1e-9"])
+    bench_main([*run, "resume=true"])
+    measured = csv_path.read_bytes()
+    rows = read_rows(csv_path)
+    assert len(rows) == 12 and all(r["status"] == "ok" for r in rows)
+    bench_main([*run, "resume=true"])  # nothing left to measure: the file is rewritten as it was
+    assert csv_path.read_bytes() == measured
+    bench_main([*run])  # without resume every row is measured again
+    assert [r["timestamp"] for r in read_rows(csv_path)] != [r["timestamp"] for r in rows] or \
+        [r["decode_ms_median"] for r in read_rows(csv_path)] != [r["decode_ms_median"] for r in rows]
+
+
+def test_resume_keeps_rows_of_this_gpu_only_and_failures_block_longer_contexts(tmp_path: Path) -> None:
+    run = ["inference", *TINY, f"out={tmp_path}", f"figures={tmp_path}"]
+    csv_path = tmp_path / "inference.csv"
+    bench_main(run)
+    rows = read_rows(csv_path)
+    for row in rows:
+        if row["model"] == "lstm":
+            row["gpu"] = "Another GPU"  # measured elsewhere: measured again here
+        elif row["model"] == "transformer" and row["batch"] == "1":  # failed at L=8, L=16 left by the budget:
+            row["status"] = "oom" if row["L"] == "8" else "skipped (time budget time_budget_s=1 used up)"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    bench_main([*run, "resume=true"])
+    after = {(r["model"], r["batch"], r["L"]): r for r in read_rows(csv_path)}
+    assert all(r["gpu"] == "" and r["status"] == "ok" for k, r in after.items() if k[0] == "lstm")
+    assert after[("transformer", "1", "8")]["status"] == "oom"
+    assert after[("transformer", "1", "16")]["status"] == "skipped (oom at L=8)"  # not tried: it would fail too
+    assert after[("transformer", "2", "16")]["status"] == "ok"
+    kept = [r for r in rows if r["model"] == "rwkv"]
+    assert [after[(r["model"], r["batch"], r["L"])] for r in kept] == kept  # kept as written
+
+
 @pytest.mark.parametrize(("words", "message"), [
     (["models=rwkv,gru"], "unknown model(s) gru"),
     (["impls=rwkv"], "needs a CUDA GPU"),
