@@ -21,6 +21,10 @@ Models (same width, vocabulary and, for the Transformer, depth; parameter counts
   can be a CUDA graph; the masked tail is at most ``decode_steps`` slots).
 * ``lstm``: ``nn.LSTM`` of the same width and vocabulary, layer count matched to RWKV's parameters.
 
+``compile=1`` adds a twin of every model whose decode step runs through ``torch.compile`` (:class:`CompiledDecoder`,
+impl ``<impl>+compile``; prefill stays eager): what the same models decode at when TorchInductor fuses the small
+operators of an eager step, the cost that bounds a small model's eager decoding (``--count-ops``).
+
 Timing. Before the grid every model runs once untimed (batch 1, the shortest L, one decode step: the CUDA build,
 Triton autotuning and cuDNN/cuBLAS set-up happen there). Prefill: ``prefill_warmup`` untimed runs, then the median
 of ``prefill_reps`` runs between two ``torch.cuda.synchronize()``. Decode: greedy (each step feeds its own argmax
@@ -548,6 +552,7 @@ class InferenceConfig:
     prefill_warmup: int = 1
     prefill_reps: int = 2
     graphs: int = 1  # 1: decode steps as CUDA graphs (on a GPU)
+    compile: int = 0  # 1: also each model with its decode step compiled by torch.compile (impl "<impl>+compile")
     max_prefill_s: float = 30.0  # a slower warm-up prefill skips this and larger L for the model
     time_budget_s: float = 0.0  # 0: no limit
     resume: bool = False  # keep the rows of out/inference.csv measured with this set-up; measure the rest
@@ -587,9 +592,29 @@ def validate(cfg: InferenceConfig) -> None:
             raise HarnessError(f"impl=rwkv prefills multiples of {CHUNK_LEN} tokens; got lengths {cfg.lengths}")
 
 
+class CompiledDecoder:
+    """A decoder whose decode step runs through ``torch.compile`` (TorchInductor fuses its small operators into few
+    kernels); the prefill stays eager. Shapes that change between calls (the KV cache's length) are compiled once
+    more as dynamic."""
+
+    def __init__(self, decoder: Decoder):
+        self.decoder, self.module = decoder, decoder.module
+        self.model_name, self.impl = decoder.model_name, f"{decoder.impl}+compile"
+        self.step = torch.compile(decoder.step)
+
+    def prefill(self, idx: torch.Tensor, capacity: int) -> tuple[torch.Tensor, State]:
+        return self.decoder.prefill(idx, capacity)
+
+    def analytic_state_bytes(self, batch: int, cache_len: int) -> int:
+        return self.decoder.analytic_state_bytes(batch, cache_len)
+
+    def layers(self) -> int:
+        return self.decoder.layers()
+
+
 def build_decoders(cfg: InferenceConfig) -> list[Decoder]:
     """The RWKV model (one per run, shared by its impls) and the baselines matched to its parameter count, on the
-    device in cfg.dtype."""
+    device in cfg.dtype; with ``compile=1`` each of them once more with a compiled decode step."""
     device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
     torch.manual_seed(cfg.seed)
     rwkv = RWKV(impls.get("reference"), ModelConfig(n_layer=cfg.n_layer, n_embd=cfg.n_embd,
@@ -607,7 +632,7 @@ def build_decoders(cfg: InferenceConfig) -> list[Decoder]:
         else:
             layers = matched_lstm_layers(target, cfg.vocab, cfg.n_embd)
             decoders.append(LSTMLM(cfg.vocab, layers, cfg.n_embd).to(device=device, dtype=dtype))
-    return decoders
+    return decoders + [CompiledDecoder(decoder) for decoder in decoders] if cfg.compile else decoders
 
 
 def _allocated(device: torch.device) -> int:
@@ -872,7 +897,7 @@ def step_ops(decoder: Decoder, batch: int = 1, prompt: int = 16) -> int:
 def ops_table(cfg: InferenceConfig) -> pd.DataFrame:
     """One row per decoder of ``cfg``: operators per decode step, in total and per layer."""
     rows = []
-    for decoder in build_decoders(cfg):
+    for decoder in build_decoders(dataclasses.replace(cfg, compile=0)):  # a compiled step is not dispatched op by op
         ops = step_ops(decoder)
         rows.append({"model": decoder.model_name, "impl": decoder.impl, "layers": decoder.layers(),
                      "ops_per_step": ops, "ops_per_layer": ops / decoder.layers(), "device": cfg.device,

@@ -4,6 +4,7 @@ matching, the grid's rows and figures (CPU); the CUDA and FLA decode paths and C
 from __future__ import annotations
 
 import csv
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -247,6 +248,30 @@ def test_op_count_file_has_one_row_per_model(tmp_path: Path) -> None:
     assert rwkv > 2 * transformer > 0
 
 
+@pytest.mark.parametrize("name", ["rwkv", "transformer"])
+def test_compiled_decode_steps_match_the_eager_ones(name: str) -> None:
+    torch.manual_seed(0)
+    eager = RWKVDecoder(rwkv_model(), BACKENDS["reference"]) if name == "rwkv" else \
+        CausalTransformer(97, 2, 64, 32, 128).eval()
+    compiled = inference.CompiledDecoder(eager)
+    assert compiled.impl == f"{eager.impl}+compile" and compiled.model_name == eager.model_name
+    idx = tokens(2, 12, 97)
+    expected, expected_state = decode_all(eager, idx, prompt=6)
+    got, got_state = decode_all(compiled, idx, prompt=6)
+    assert rel(got, expected) < 1e-5
+    assert max(rel(g, e) for g, e in zip(got_state.tensors(), expected_state.tensors(), strict=True)) < 1e-5
+
+
+def test_compile_adds_a_compiled_twin_of_every_model(tmp_path: Path) -> None:
+    bench_main(["inference", *TINY, "models=rwkv,lstm", "lengths=8", "batches=1", "compile=1", f"out={tmp_path}",
+                f"figures={tmp_path}"])
+    rows = read_rows(tmp_path / "inference.csv")
+    assert [(r["model"], r["impl"]) for r in rows] == [("rwkv", "reference"), ("lstm", "nn.LSTM"),
+                                                       ("rwkv", "reference+compile"), ("lstm", "nn.LSTM+compile")]
+    assert all(r["status"] == "ok" for r in rows)
+    assert rows[0]["state_bytes_measured"] == rows[2]["state_bytes_measured"]
+
+
 def test_out_of_memory_is_a_status_and_skips_longer_contexts(tmp_path: Path, monkeypatch) -> None:
     measure = inference.measure
 
@@ -379,6 +404,28 @@ def gpu_decoders() -> dict[str, object]:
             "fla": RWKVDecoder(gpu_rwkv("reference", torch.bfloat16), BACKENDS["fla"]),
             "transformer": CausalTransformer(1000, 3, 256, 64, 512).to("cuda", torch.bfloat16),
             "lstm": LSTMLM(1000, 3, 256).to("cuda", torch.bfloat16)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["rwkv", "transformer"])  # fla+compile: whatever Dynamo makes of FLA's kernels
+@torch.no_grad()
+def test_compiled_step_as_a_cuda_graph_matches_the_eager_step(name: str) -> None:
+    eager = gpu_decoders()[name]
+    compiled = inference.CompiledDecoder(eager)
+    idx = tokens(2, 64, 1000, "cuda")
+    logits, state = eager.prefill(idx, 64 + inference.CAPTURE_WARMUP + 2)
+    token = logits.argmax(-1, keepdim=True)
+    compiled_state = type(state)(**{f.name: [t.clone() for t in v] if isinstance(v, list) else
+                                    (v.clone() if isinstance(v, torch.Tensor) else v)
+                                    for f in dataclasses.fields(state) for v in [getattr(state, f.name)]})
+    out = torch.empty_like(logits)
+    replay = capture_graph(lambda: out.copy_(compiled.step(token, compiled_state))).replay  # CAPTURE_WARMUP steps
+    for _ in range(inference.CAPTURE_WARMUP + 1):
+        expected = eager.step(token, state)
+    replay()
+    torch.cuda.synchronize()
+    assert rel(out, expected) < 3e-2
+    assert max(rel(c.float(), e.float()) for c, e in zip(compiled_state.tensors(), state.tensors(), strict=True)) < 3e-2
 
 
 @pytest.mark.gpu
