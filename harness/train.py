@@ -27,6 +27,7 @@ from harness import autotune_cache, sync_free_clip
 from harness.callbacks import (
     Checkpointer,
     LRScheduler,
+    ManualGarbageCollection,
     StepClock,
     StepProfiler,
     StepRecorder,
@@ -46,7 +47,7 @@ from impls.base import Implementation
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 # Keys that may change between a run and its resumption without changing what is computed.
 RESUME_NEUTRAL_KEYS = ("trainer.ckpt_every", "trainer.num_workers", "trainer.profile_steps", "trainer.progress_every",
-                       "trainer.sync_debug_steps", "overwrite")
+                       "trainer.sync_debug_steps", "trainer.gc_every", "overwrite")
 
 
 # --- configuration -----------------------------------------------------------------------------------
@@ -402,6 +403,8 @@ def _make_trainer(cfg: DictConfig, plan: Plan, schedule: LRSchedule, start_step:
     if int(cfg.trainer.sync_debug_steps) > 0:
         first_timed = start_step + int(cfg.trainer.timing_warmup_steps)
         callbacks.append(SyncCounter(plan.run_dir, first_timed, int(cfg.trainer.sync_debug_steps)))
+    if int(cfg.trainer.gc_every) > 0:
+        callbacks.append(ManualGarbageCollection(int(cfg.trainer.gc_every)))
     refresh = int(cfg.trainer.progress_every)
     if refresh > 0:
         callbacks.append(progress_bar(refresh, recorder))

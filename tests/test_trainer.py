@@ -2,6 +2,7 @@
 (it needs no CUDA), so its config parser and clipping functions are the references; version-dependent branches of the
 bf16 block are checked against a stand-in module."""
 
+import gc
 import sys
 import time
 import types
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.callbacks import StepClock
+from harness.callbacks import ManualGarbageCollection, StepClock
 from harness.train import deepspeed_bf16_config, deepspeed_stage
 
 
@@ -242,3 +243,29 @@ def test_sync_free_clipping_never_synchronizes(value):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert grads[0].item() == pytest.approx(1 / 3 if value == 3.0 else 0.0)
+
+
+def test_manual_gc_collects_the_young_generation_every_n_steps_and_gives_gc_back():
+    generations: list[int] = []
+
+    def record(phase: str, info: dict) -> None:
+        if phase == "start":
+            generations.append(info["generation"])
+
+    callback, trainer = ManualGarbageCollection(every=3), types.SimpleNamespace(global_step=0)
+    gc.callbacks.append(record)
+    try:
+        callback.on_train_start(trainer, None)
+        assert not gc.isenabled()
+        generations.clear()
+        for step in range(1, 10):
+            trainer.global_step = step
+            garbage = [[] for _ in range(5000)]  # several automatic collections' worth of new containers
+            del garbage
+            callback.on_train_batch_end(trainer, None, None, None, step)
+        assert generations == [1, 1, 1]  # steps 3, 6 and 9; nothing automatic in between
+        callback.on_exception(trainer, None, KeyboardInterrupt())
+        assert gc.isenabled()
+    finally:
+        gc.callbacks.remove(record)
+        gc.enable()

@@ -14,6 +14,7 @@ declare -A VARIANTS=(
   [deepspeed_stage_1]="trainer.strategy=deepspeed_stage_1"
   [deepspeed_stage_0]="trainer.strategy=deepspeed_stage_0"
   [ds2_no_progress_bar]="trainer.strategy=deepspeed_stage_2 trainer.progress_every=0"
+  [ds2_manual_gc]="trainer.strategy=deepspeed_stage_2 trainer.gc_every=50"
   [plain_bf16_true]="trainer.strategy=single_device trainer.precision=bf16-true"
   [plain_bf16_mixed]="trainer.strategy=single_device trainer.precision=bf16-mixed"
 )
