@@ -91,11 +91,16 @@ def snapshot(module_prefix: str) -> dict[str, list[dict[str, Any]]]:
     return table
 
 
+def _by_key(entries: list[dict]) -> dict[str, dict]:
+    """A kernel's entries by their tuning key, serialised as the file writes it."""
+    return {json.dumps(e["key"]): e for e in entries}
+
+
 def merge(old: dict[str, list[dict]], new: dict[str, list[dict]]) -> dict[str, list[dict]]:
     """Union by (kernel, key); a newer choice for the same key wins."""
-    merged = {name: {json.dumps(e["key"]): e for e in entries} for name, entries in old.items()}
+    merged = {name: _by_key(entries) for name, entries in old.items()}
     for name, entries in new.items():
-        merged.setdefault(name, {}).update({json.dumps(e["key"]): e for e in entries})
+        merged.setdefault(name, {}).update(_by_key(entries))
     return {name: [by_key[k] for k in sorted(by_key)] for name, by_key in sorted(merged.items())}
 
 
@@ -137,7 +142,7 @@ def recorded_choice(tuner: Any, kwargs: dict, candidates: list) -> Any | None:
 
 
 def index(table: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict]]:
-    return {name: {json.dumps(e["key"]): e["config"] for e in entries} for name, entries in table.items()}
+    return {name: {key: e["config"] for key, e in _by_key(entries).items()} for name, entries in table.items()}
 
 
 def install_hook(replay: bool, threads: int = COMPILE_THREADS) -> bool:

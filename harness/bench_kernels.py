@@ -59,9 +59,18 @@ from torch.utils.checkpoint import checkpoint
 
 from harness.autotune_cache import activate_for_fla
 from harness.bench import free_memory, guarded_measurement, parse_overrides, synchronize, with_environment
-from harness.env import environment, gpu_info
+from harness.env import environment
 from harness.errors import HarnessError
-from harness.results import BUDGET_SKIP, blocked_after_failures, csv_cells, read_bench_csv, resumable_rows
+from harness.results import (
+    BUDGET_SKIP,
+    blocked_after_failures,
+    budget_skip,
+    budget_skip_note,
+    csv_cells,
+    failure_skip,
+    read_bench_csv,
+    resumable_rows,
+)
 from impls.reference import W_SCALE, wkv7_reference
 
 Op = Callable[..., torch.Tensor]  # op(r, w, k, v, a, b) -> y, all (B, T, H, N)
@@ -395,7 +404,7 @@ def _skip_reason(kernel: Kernel, mode: str, B: int, T: int, H: int, blocked: dic
     if reason := blocked.get((kernel.name, mode, B, H)):
         return reason
     if cfg.budget_s and elapsed_s > cfg.budget_s:
-        return f"skipped (time budget budget_s={cfg.budget_s:g} used up)"
+        return budget_skip("budget_s", cfg.budget_s)
     return None
 
 
@@ -434,7 +443,7 @@ def time_case(kernel: Kernel, op: Op, mode: str, shape: ShapeInputs, blocked: di
     inputs, dy = shape.get()
     result = guarded_measurement(partial(measure, op, kernel_inputs(kernel, inputs), mode, dy, cfg), cfg.device)
     if result["status"] != "ok":
-        blocked[(kernel.name, mode, shape.B, shape.H)] = f"skipped ({str(result['status']).split()[0]} at T={shape.T})"
+        blocked[(kernel.name, mode, shape.B, shape.H)] = failure_skip(str(result["status"]), "T", shape.T)
     elif result.get("median_ms"):
         result["tokens_per_s"] = shape.B * shape.T / (float(result["median_ms"]) / 1e3)
     return result
@@ -448,9 +457,8 @@ def earlier_rows(csv_path: Path, cfg: KernelBenchConfig) -> dict[RowKey, dict[st
     except the ones its time budget skipped; as written."""
     if not cfg.resume:
         return {}
-    same = {"device": cfg.device, "N": str(cfg.N), "gpu": gpu_info()["gpu"] or ""}  # as with_environment writes
     return {(r["kernel"], r["mode"], int(r["B"]), int(r["T"]), int(r["H"])): r
-            for r in resumable_rows(csv_path, FIELDS, same)}
+            for r in resumable_rows(csv_path, FIELDS, {"device": cfg.device, "N": str(cfg.N)})}
 
 
 def run_grid(cfg: KernelBenchConfig, csv_path: Path) -> None:
@@ -462,7 +470,7 @@ def run_grid(cfg: KernelBenchConfig, csv_path: Path) -> None:
     fixed = {"N": cfg.N, "dtype": str(DTYPE).removeprefix("torch."), "device": cfg.device,
              **with_environment({}, environment())}
     blocked = blocked_after_failures(kept, swept=3, name="T")
-    budget_skips = 0
+    statuses: list[str] = []
     start = time.perf_counter()
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with csv_path.open("w", newline="") as handle:
@@ -479,13 +487,13 @@ def run_grid(cfg: KernelBenchConfig, csv_path: Path) -> None:
                         row |= accuracy.columns(kernel, mode, B, T, H)
                     row = csv_cells(row, FIELDS)
                     print(_progress(row, time.perf_counter() - start), flush=True)
-                budget_skips += str(row["status"]).startswith(BUDGET_SKIP)
+                statuses.append(str(row["status"]))
                 writer.writerow(row)
                 handle.flush()
             del shape
             free_memory(cfg.device)
-    if budget_skips:
-        print(f"{budget_skips} rows skipped by the time budget; the same command with resume=true measures only those")
+    if note := budget_skip_note(statuses):
+        print(note)
 
 
 # --- figure and tables --------------------------------------------------------------------------------------

@@ -71,10 +71,18 @@ import impls
 from harness.autotune_cache import activate_for_fla
 from harness.bench import guarded_measurement, parse_overrides, synchronize, with_environment
 from harness.bench_kernels import device_label, log_decay
-from harness.env import environment, gpu_info
+from harness.env import environment
 from harness.errors import HarnessError
 from harness.model import RWKV, ModelConfig, count_parameters
-from harness.results import BUDGET_SKIP, blocked_after_failures, csv_cells, read_bench_csv, resumable_rows
+from harness.results import (
+    blocked_after_failures,
+    budget_skip,
+    budget_skip_note,
+    csv_cells,
+    failure_skip,
+    read_bench_csv,
+    resumable_rows,
+)
 from impls.reference import W_SCALE, wkv7_reference
 from impls.wkv7_cuda import CHUNK_LEN, load_extension
 
@@ -732,8 +740,7 @@ def earlier_rows(csv_path: Path, cfg: InferenceConfig) -> dict[RowKey, dict[str,
     except the ones its time budget skipped; as written."""
     if not cfg.resume:
         return {}
-    same = {"size": f"L{cfg.n_layer}-D{cfg.n_embd}", "dtype": cfg.dtype, "device": cfg.device,
-            "gpu": gpu_info()["gpu"] or ""}  # as with_environment writes
+    same = {"size": f"L{cfg.n_layer}-D{cfg.n_embd}", "dtype": cfg.dtype, "device": cfg.device}
     return {(r["model"], r["impl"], int(r["batch"]), int(r["L"])): r for r in resumable_rows(csv_path, FIELDS, same)}
 
 
@@ -768,8 +775,8 @@ def run_grid(cfg: InferenceConfig, csv_path: Path) -> pd.DataFrame:
                     rows.append(row)
                     writer.writerow(row)
                     handle.flush()
-    if budget_skips := sum(str(row["status"]).startswith(BUDGET_SKIP) for row in rows):
-        print(f"{budget_skips} rows skipped by the time budget; the same command with resume=true measures only those")
+    if note := budget_skip_note(row["status"] for row in rows):
+        print(note)
     return pd.DataFrame(rows, columns=list(FIELDS))
 
 
@@ -780,10 +787,10 @@ def _measure_or_skip(decoder: Decoder, batch: int, length: int, cfg: InferenceCo
     if key in blocked:
         return {"status": blocked[key]}
     if cfg.time_budget_s and elapsed_s > cfg.time_budget_s:
-        return {"status": f"skipped (time budget time_budget_s={cfg.time_budget_s:g} used up)"}
+        return {"status": budget_skip("time_budget_s", cfg.time_budget_s)}
     result = guarded_measurement(partial(measure, decoder, batch, length, cfg), cfg.device, reported=(TooSlow,))
     if result["status"] != "ok":
-        blocked[key] = f"skipped ({str(result['status']).split()[0]} at L={length})"
+        blocked[key] = failure_skip(str(result["status"]), "L", length)
     return result
 
 

@@ -159,11 +159,11 @@ def scaling_table(steps: pd.DataFrame) -> pd.DataFrame:
         if group["world_size"].nunique() < 2:
             continue
         runs = {int(ws): run.sort_values("step").set_index("step") for ws, run in group.groupby("world_size")}
+        kts = {ws: _aggregate_kt(run) for ws, run in runs.items()}
         base_ws = min(runs)
-        base = runs[base_ws]
-        base_kt = _aggregate_kt(base)
+        base, base_kt = runs[base_ws], kts[base_ws]
         for ws, run in runs.items():
-            kt = _aggregate_kt(run)
+            kt = kts[ws]
             common = base.index.intersection(run.index)
             common = common[common < SCALING_STEPS]
             diff = run.loc[common, "loss"] - base.loc[common, "loss"]

@@ -50,10 +50,29 @@ def read_bench_csv(path: Path, fields: tuple[str, ...], command: str, dtypes: di
 BUDGET_SKIP = "skipped (time budget"  # the status prefix of rows a benchmark's time budget left unmeasured
 
 
+def budget_skip(option: str, seconds: float) -> str:
+    """The status of a row that the time budget ``option=seconds`` left unmeasured."""
+    return f"{BUDGET_SKIP} {option}={seconds:g} used up)"
+
+
+def failure_skip(status: str, swept: str, value: int) -> str:
+    """The status of a larger shape skipped because this one failed with ``status`` at ``swept=value``."""
+    return f"skipped ({status.split()[0]} at {swept}={value})"
+
+
+def budget_skip_note(statuses: Iterable[str]) -> str | None:
+    """The line a benchmark prints when its time budget left rows, for the command that measures them."""
+    skipped = sum(str(status).startswith(BUDGET_SKIP) for status in statuses)
+    if not skipped:
+        return None
+    return f"{skipped} rows skipped by the time budget; the same command with resume=true measures only those"
+
+
 def resumable_rows(csv_path: Path, fields: tuple[str, ...], same_setup: dict[str, str]) -> list[dict[str, str]]:
-    """The rows of an earlier benchmark CSV that a resumed run keeps, as written: those whose columns match
-    ``same_setup`` (device, GPU model, shapes that are not swept, ...), except the rows its time budget skipped.
-    Rows of another set-up are measured again, never mixed in."""
+    """The rows of an earlier benchmark CSV that a resumed run keeps, as written: those measured on this machine's
+    GPU model whose columns match ``same_setup`` (device, shapes that are not swept, ...), except the rows its time
+    budget skipped. Rows of another set-up are measured again, never mixed in."""
+    from harness.env import gpu_info
     from harness.errors import HarnessError
 
     if not csv_path.exists():
@@ -62,14 +81,15 @@ def resumable_rows(csv_path: Path, fields: tuple[str, ...], same_setup: dict[str
         rows = list(csv.DictReader(handle))
     if rows and tuple(rows[0]) != fields:
         raise HarnessError(f"{csv_path} has other columns than this version writes; write elsewhere or resume=false")
+    same = {**same_setup, "gpu": gpu_info()["gpu"] or ""}  # as with_environment writes it into every row
     return [row for row in rows if not row["status"].startswith(BUDGET_SKIP)
-            and all((row[key] or "") == value for key, value in same_setup.items())]
+            and all((row[key] or "") == value for key, value in same.items())]
 
 
 def blocked_after_failures(kept: dict[tuple, dict[str, str]], swept: int, name: str) -> dict[tuple, str]:
     """For kept rows that failed (oom, too_slow, error): their key without position ``swept`` -> the skip status of
     every larger value there, since a shape that failed fails larger. ``name`` names the swept column."""
-    return {key[:swept] + key[swept + 1:]: f"skipped ({row['status'].split()[0]} at {name}={key[swept]})"
+    return {key[:swept] + key[swept + 1:]: failure_skip(row["status"], name, key[swept])
             for key, row in sorted(kept.items(), key=lambda item: -item[0][swept])
             if row["status"] != "ok" and not row["status"].startswith("skipped")}
 
