@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from harness import autotune_cache
+from impls import triton_autotune as autotune_cache
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _PACKAGES = ("torch", "lightning", "triton", "flash-linear-attention", "fla-core", "deepspeed",

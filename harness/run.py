@@ -35,7 +35,7 @@ def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
-    from harness.train import train
+    from harness.training.trainer import train
 
     with exit_on_user_error():
         outcome = train(cfg)

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from harness.errors import HarnessError
-from impls.base import Implementation
+from impls.base import Implementation, ImplementationError
 
 # impl name -> (module, attribute holding the Implementation, what to install if the import fails)
 _REGISTRY: dict[str, tuple[str, str, str]] = {
@@ -20,8 +19,7 @@ _REGISTRY: dict[str, tuple[str, str, str]] = {
 }
 
 
-class ImplementationError(HarnessError):
-    """An ``impl=`` name that cannot be used; the message is one line for the user."""
+__all__ = ["Implementation", "ImplementationError", "get", "names"]
 
 
 def names() -> list[str]:
@@ -38,7 +36,7 @@ def get(name: str, **options: object) -> Implementation:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name and exc.name.split(".")[0] in {"impls", "harness"}:
+        if exc.name and exc.name.split(".")[0] in {"impls"}:
             raise
         raise ImplementationError(
             f"impl {name!r} needs the Python module {exc.name!r}, which is not installed; "

@@ -8,6 +8,8 @@ An implementation is a time-mix module class (plus the channel-mix it is paired 
 * declares what it needs (CUDA or not, the dtype its kernels take, Python modules).
 
 Canonical names are RWKV-LM ``RWKV_Tmix_x070`` names relative to ``blocks.<i>.att.``.
+
+This package depends on torch (and its own kernels) alone; ``harness`` sits above it and never the other way.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ CANONICAL_ATT_NAMES: tuple[str, ...] = (
 )
 # Present in every RWKV-LM layer but never used by layer 0 (no value residual there).
 LAYER0_UNUSED: frozenset[str] = frozenset({"v0", "v1", "v2"})
+
+class ImplementationError(Exception):
+    """An implementation that cannot be used as asked (unknown name, missing module, failed build); the message is
+    one line for the user. The harness's CLIs print it as ``error: ...`` and exit 2, like their own errors."""
+
 
 Transform = Literal["same", "flat", "T"]
 

@@ -1,7 +1,7 @@
 """``impl=fla``: flash-linear-attention 0.6's ``RWKV7Attention`` (Triton chunked DPLR kernel) as the time-mix.
 
 The time-mix subclasses ``RWKV7Attention``, so its parameters sit flat under ``blocks.<i>.att.`` with FLA's own
-names (``blocks.<i>.att.w_lora.lora.2.bias`` is RWKV-LM's ``w0``); :data:`harness.convert.FLA_ATT_NAME_MAP` maps
+names (``blocks.<i>.att.w_lora.lora.2.bias`` is RWKV-LM's ``w0``); :data:`impls.fla_names.FLA_ATT_NAME_MAP` maps
 them to RWKV-LM's names and layouts, and layer 0 has no value-residual LoRA. It is always built with ``layer_idx`` and
 ``num_hidden_layers`` (without them FLA skips its RWKV init), RWKV-LM's LoRA ranks (not FLA's config defaults) and
 RWKV-LM's GroupNorm eps 64e-5. The channel-mix is the reference one, identical across implementations.
@@ -17,15 +17,15 @@ from functools import partial
 import torch
 from fla.layers import RWKV7Attention
 
-from harness.autotune_cache import activate_for_fla
-from harness.convert import FLA_ATT_NAME_MAP
-from harness.init import lora_ranks
 from impls.base import Implementation
+from impls.fla_names import FLA_ATT_NAME_MAP
+from impls.init import lora_ranks
 from impls.reference import ChannelMix
+from impls.triton_autotune import activate_for_fla
 
 GROUP_NORM_EPS = 64e-5  # RWKV-LM's ln_x eps; FLA multiplies its norm_eps by head_dim
 
-activate_for_fla()  # replay this GPU's recorded autotune choices (harness/autotune_cache.py)
+activate_for_fla()  # replay this GPU's recorded autotune choices (impls/triton_autotune.py)
 
 
 class TimeMix(RWKV7Attention):

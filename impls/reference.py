@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.init import channelmix_init, timemix_init
 from impls.base import Implementation
+from impls.init import channelmix_init, timemix_init
 
 # Decay actually applied: exp(-e^-0.5 * sigmoid(w_raw)), so decay is in (0.545, 1).
 W_SCALE = -math.exp(-0.5)
@@ -155,3 +155,8 @@ REFERENCE = Implementation(
     channel_mix=ChannelMix,
     description="pure-PyTorch x070 time-mix, sequential fp32 WKV loop (the oracle)",
 )
+
+
+def log_decay(w_raw: torch.Tensor) -> torch.Tensor:
+    """RWKV's raw decay logit -> FLA's natural-log decay -e^-0.5 * sigmoid(w), in fp32, back in w's dtype."""
+    return (W_SCALE * torch.sigmoid(w_raw.float())).to(w_raw.dtype)

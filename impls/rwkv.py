@@ -14,8 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from impls import ImplementationError, reference
-from impls.base import Implementation
+from impls import reference
+from impls.base import Implementation, ImplementationError
 from impls.wkv7_cuda import NVCC_FLAGS, wkv7_clampw
 
 

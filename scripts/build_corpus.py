@@ -29,8 +29,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from harness.data import BinIdx, magic_prime, write_binidx  # noqa: E402
-from harness.tokenizer import END_OF_DOCUMENT, WorldTokenizer, load_world_tokenizer  # noqa: E402
+from harness.data.binidx import BinIdx, magic_prime, write_binidx  # noqa: E402
+from harness.data.tokenizer import END_OF_DOCUMENT, WorldTokenizer, load_world_tokenizer  # noqa: E402
 
 SPHINX_SOURCES = ("**/_sources/**/*.rst.txt", "**/_sources/**/*.md.txt")
 

@@ -1,4 +1,4 @@
-"""Rebuild the bundled sample data set: harness/assets/sample.{bin,idx} and harness/assets/SAMPLE_DATA.md.
+"""Rebuild the bundled sample data set: harness/data/assets/sample.{bin,idx} and harness/data/assets/SAMPLE_DATA.md.
 
     python scripts/build_sample_data.py [--deb python3.11-doc_<version>_all.deb]
 
@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 from build_corpus import REPO, Source, fetch_package, select_files, sha256, tokenize_files
 
-from harness.data import BinIdx, magic_prime, write_binidx
-from harness.tokenizer import load_world_tokenizer
+from harness.data.binidx import BinIdx, magic_prime, write_binidx
+from harness.data.tokenizer import load_world_tokenizer
 
 SOURCE = Source("python3.11-doc", ("usr/share/doc/python3.11/html/_sources/**/*.rst.txt",), ("/_sources/library/",))
-ASSETS = REPO / "harness" / "assets"
+ASSETS = REPO / "harness" / "data" / "assets"
 
 TEMPLATE = """\
 # Bundled sample data: `sample.bin` / `sample.idx`

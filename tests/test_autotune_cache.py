@@ -1,4 +1,4 @@
-"""Autotune choices kept between machines (harness/autotune_cache.py), on real Triton autotuners built on a CPU."""
+"""Autotune choices kept between machines (impls/triton_autotune.py), on real Triton autotuners built on a CPU."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import types
 import pytest
 import torch
 
-from harness import autotune_cache
-from harness.errors import HarnessError
+from impls import triton_autotune as autotune_cache
+from impls.base import ImplementationError
 
 triton = pytest.importorskip("triton", reason="needs triton (the test extra)")
 
@@ -114,7 +114,7 @@ def test_merge_keeps_old_keys_and_the_newer_choice_wins():
 
 def test_unknown_mode_is_refused(monkeypatch):
     monkeypatch.setenv("RWKV_AUTOTUNE", "sometimes")
-    with pytest.raises(HarnessError, match="replay, record, off"):
+    with pytest.raises(ImplementationError, match="replay, record, off"):
         autotune_cache.mode()
 
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 from cli_support import assert_one_line_user_error
 
-from harness import bench_kernels as bk
-from harness.bench import main
-from impls.reference import W_SCALE, wkv7_reference
+from harness.bench import wkv_op as bk
+from harness.bench import wkv_op_report
+from harness.bench.cli import main
+from impls.reference import W_SCALE, log_decay, wkv7_reference
 
 TINY = ["kernels=reference", "T=16,32,2048", "B=1,2", "H=2", "N=16", "device=cpu"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -22,7 +23,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def run_cli(tmp_path: Path, *words: str) -> pd.DataFrame:
     main(["kernels", *words, f"out={tmp_path}", f"figures={tmp_path}"])
     name = bk.QUICK.name if "--quick" in words else bk.KernelBenchConfig().name
-    return bk.read_csv(tmp_path / f"{name}.csv")
+    return wkv_op_report.read_csv(tmp_path / f"{name}.csv")
 
 
 def test_cpu_grid_writes_tidy_csv_table_and_figure(tmp_path: Path) -> None:
@@ -109,7 +110,7 @@ def test_log_decay_kernels_are_scored_on_the_raw_logit() -> None:
         return wkv7_reference(r, w_raw, k, v, a, b)[0].to(r.dtype)
 
     kernel = bk.Kernel("fla_like", lambda: op, "test", log_decay=True, needs_cuda=False)
-    decay = torch.exp(bk.log_decay(torch.tensor([-3.0, 0.0, 2.0])).float())
+    decay = torch.exp(log_decay(torch.tensor([-3.0, 0.0, 2.0])).float())
     assert decay.tolist() == pytest.approx(torch.exp(W_SCALE * torch.sigmoid(torch.tensor([-3.0, 0.0, 2.0]))),
                                            rel=5e-3)
     inputs = bk.realistic_wkv_inputs(1, 32, 2, 16, seed=1)
@@ -120,7 +121,7 @@ def test_log_decay_kernels_are_scored_on_the_raw_logit() -> None:
 
 
 def test_quick_grid_and_overrides() -> None:
-    from harness.bench import parse_overrides
+    from harness.config import parse_overrides
 
     cfg = parse_overrides(["T=64,128", "kernels=cuda,fla_chunk", "max_call_s=0.5"], bk.QUICK)
     assert (cfg.T, cfg.B, cfg.H, cfg.kernels, cfg.max_call_s, cfg.name) == (
@@ -220,10 +221,10 @@ def test_fastest_kernel_and_its_margin_per_shape() -> None:
     frame = pd.DataFrame([row("cuda", 256, 0.1), row("fla_chunk", 256, 0.3), row("reference", 256, 50.0),
                           row("cuda", 4096, 2.0), row("fla_chunk", 4096, 0.5),
                           row("cuda", 16384, 8.0), row("fla_chunk", 16384, math.nan, "oom")])
-    best = bk.fastest_kernels(frame).set_index("T")
+    best = wkv_op_report.fastest_kernels(frame).set_index("T")
     assert list(best["fastest"]) == ["cuda", "fla_chunk", "cuda"]
     assert best.loc[256, "margin"] == pytest.approx(3.0) and best.loc[256, "runner_up"] == "fla_chunk"
     assert best.loc[4096, "margin"] == pytest.approx(4.0)
     assert math.isnan(best.loc[16384, "margin"])  # the only kernel timed there
-    table = bk.fastest_markdown(frame)
+    table = wkv_op_report.fastest_markdown(frame)
     assert "| fwd | 1 | 12 | cuda 3.00x | fla_chunk 4.00x | cuda (alone) |" in table

@@ -11,11 +11,13 @@ from fla_support import FLA, needs_fla
 from safetensors.torch import load_file, save_file
 
 import impls
-from harness.checkpoint import CheckpointError, load_checkpoint, load_model_state, save_model
-from harness.convert import FLA_ATT_NAME_MAP, main
-from harness.init import apply_init, rwkv_lm_state_dict, value_residual_init
-from harness.model import RWKV, ModelConfig
+from harness.convert.convert import main
+from harness.model.checkpoint import CheckpointError, load_checkpoint, load_model_state, save_model
+from harness.model.init import apply_init, rwkv_lm_state_dict
+from harness.model.rwkv import RWKV, ModelConfig
 from impls.base import LAYER0_UNUSED
+from impls.fla_names import FLA_ATT_NAME_MAP
+from impls.init import value_residual_init
 
 L, C, N, V = 3, 128, 64, 1000
 CFG = ModelConfig(n_layer=L, n_embd=C, head_size=N, vocab_size=V)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness.data import (
+from harness.data.binidx import (
     BinIdx,
     DataError,
     ResumeSampler,
@@ -270,7 +270,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def tokenizer():
-    from harness.tokenizer import TokenizerUnavailable, load_world_tokenizer
+    from harness.data.tokenizer import TokenizerUnavailable, load_world_tokenizer
 
     try:
         return load_world_tokenizer()
@@ -279,13 +279,13 @@ def tokenizer():
 
 
 def test_tokenizer_round_trips_real_text(tokenizer):
-    text = (REPO / "harness" / "assets" / "SAMPLE_DATA.md").read_text() + "\nünïcödé 世界 🎉\r\n\ttab"
+    text = (REPO / "harness" / "data" / "assets" / "SAMPLE_DATA.md").read_text() + "\nünïcödé 世界 🎉\r\n\ttab"
     ids = tokenizer.encode(text)
     assert tokenizer.decode(ids) == text and 0 not in ids and max(ids) < 65536
 
 
 def test_missing_tokenizer_names_the_extra(monkeypatch):
-    from harness.tokenizer import TokenizerUnavailable, load_world_tokenizer
+    from harness.data.tokenizer import TokenizerUnavailable, load_world_tokenizer
 
     monkeypatch.setitem(sys.modules, "pyrwkv_tokenizer", None)
     monkeypatch.setitem(sys.modules, "rwkv", None)

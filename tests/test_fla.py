@@ -11,11 +11,12 @@ from fla_support import FLA, needs_fla
 from torch import nn
 
 import impls
-from harness.convert import FLA_ATT_NAME_MAP
-from harness.init import lora_ranks, rwkv_lm_state_dict, timemix_init
-from harness.model import RWKV, ModelConfig
-from harness.parity import capture, per_layer_grad_errors, perturb, rel
+from harness.bench.parity import capture, per_layer_grad_errors, perturb, rel
+from harness.model.init import rwkv_lm_state_dict
+from harness.model.rwkv import RWKV, ModelConfig
 from impls.base import LAYER0_UNUSED, to_canonical
+from impls.fla_names import FLA_ATT_NAME_MAP
+from impls.init import lora_ranks, timemix_init
 
 pytestmark = pytest.mark.filterwarnings("ignore:According to Bo")
 

@@ -11,22 +11,22 @@ import pytest
 import torch
 
 import impls
-from harness import inference
-from harness.bench import main as bench_main
-from harness.inference import (
-    BACKENDS,
-    FIELDS,
+from harness.bench import decoding as inference
+from harness.bench import decoding_report
+from harness.bench.cli import main as bench_main
+from harness.bench.decoding import FIELDS, capture_graph, time_decode
+from harness.errors import HarnessError
+from harness.model import decoding
+from harness.model.baselines import (
     LSTMLM,
     CausalTransformer,
-    RWKVDecoder,
-    capture_graph,
     lstm_params,
     matched_lstm_layers,
     matched_mlp_width,
-    time_decode,
     transformer_params,
 )
-from harness.model import RWKV, ModelConfig, count_parameters
+from harness.model.decoding import BACKENDS, RWKVDecoder
+from harness.model.rwkv import RWKV, ModelConfig, count_parameters
 
 pytestmark = pytest.mark.filterwarnings("ignore:According to Bo")
 
@@ -109,7 +109,7 @@ def test_rwkv_state_bytes_match_the_formula(dtype: torch.dtype) -> None:
 
 def test_state_layout_flag_transposes_to_value_major() -> None:
     s = torch.arange(8.0).view(1, 1, 2, 4)[..., :2]
-    state = inference.RWKVState([], [], [s], key_major=True)
+    state = decoding.RWKVState([], [], [s], key_major=True)
     assert torch.equal(state.wkv_value_major()[0], s.transpose(-1, -2))
     assert BACKENDS["fla"].key_major and not BACKENDS["rwkv"].key_major
 
@@ -139,7 +139,7 @@ def test_transformer_cache_capacity_beyond_the_tokens_is_masked() -> None:
     assert torch.equal(roomy, exact)
     cache = model.prefill(idx[:, :4], capacity=50)[1]
     torch.testing.assert_close(model.step(idx[:, 4:5], cache), model(idx[:, :5])[:, -1], rtol=1e-5, atol=1e-5)
-    with pytest.raises(inference.HarnessError, match="capacity"):
+    with pytest.raises(HarnessError, match="capacity"):
         model.prefill(idx, capacity=4)
 
 
@@ -213,8 +213,8 @@ def test_bench_writes_a_tidy_csv_and_figures(tmp_path: Path) -> None:
 
 def test_summary_table_reads_latency_at_chosen_lengths_and_state_at_the_longest(tmp_path: Path) -> None:
     bench_main(["inference", *TINY, f"out={tmp_path}", f"figures={tmp_path}/fig"])
-    frame = inference.read_csv(tmp_path / "inference.csv")
-    table = inference.summary_table(frame, lengths=(8, 16, 4096))  # 4096 was not measured: no column
+    frame = decoding_report.read_csv(tmp_path / "inference.csv")
+    table = decoding_report.summary_table(frame, lengths=(8, 16, 4096))  # 4096 was not measured: no column
     assert [c for c in table.columns if c.startswith("decode_ms_")] == ["decode_ms_L8", "decode_ms_L16"]
     assert len(table) == 3 * 2 and set(table["at_L"]) == {16}
     row = table[(table["model"] == "transformer") & (table["batch"] == 2)].iloc[0]
@@ -253,7 +253,7 @@ def test_compiled_decode_steps_match_the_eager_ones(name: str) -> None:
     torch.manual_seed(0)
     eager = RWKVDecoder(rwkv_model(), BACKENDS["reference"]) if name == "rwkv" else \
         CausalTransformer(97, 2, 64, 32, 128).eval()
-    compiled = inference.CompiledDecoder(eager)
+    compiled = decoding.CompiledDecoder(eager)
     assert compiled.impl == f"{eager.impl}+compile" and compiled.model_name == eager.model_name
     idx = tokens(2, 12, 97)
     expected, expected_state = decode_all(eager, idx, prompt=6)
@@ -411,7 +411,7 @@ def gpu_decoders() -> dict[str, object]:
 @torch.no_grad()
 def test_compiled_step_as_a_cuda_graph_matches_the_eager_step(name: str) -> None:
     eager = gpu_decoders()[name]
-    compiled = inference.CompiledDecoder(eager)
+    compiled = decoding.CompiledDecoder(eager)
     idx = tokens(2, 64, 1000, "cuda")
     logits, state = eager.prefill(idx, 64 + inference.CAPTURE_WARMUP + 2)
     token = logits.argmax(-1, keepdim=True)

@@ -7,9 +7,10 @@ import torch
 from fla_support import FLA, needs_fla
 
 import impls
-from harness.init import apply_init, head_gain, lora_ranks, rwkv_lm_state_dict, timemix_init
-from harness.model import RWKV, ModelConfig
+from harness.model.init import apply_init, head_gain, rwkv_lm_state_dict
+from harness.model.rwkv import RWKV, ModelConfig
 from impls.base import LAYER0_UNUSED
+from impls.init import lora_ranks, timemix_init
 
 # The dims of the spec's §11 validation of generate_init_weight.
 L, C, N, V = 4, 512, 64, 1000

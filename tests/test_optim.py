@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import impls
-from harness.model import RWKV, ModelConfig
-from harness.optim import LRSchedule, param_groups, set_lr
+from harness.model.rwkv import RWKV, ModelConfig
+from harness.training.optim import LRSchedule, param_groups, set_lr
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import impls
-from harness.model import RWKV, ModelConfig
-from harness.optim import describe_groups, param_groups
+from harness.model.rwkv import RWKV, ModelConfig
+from harness.training.optim import describe_groups, param_groups
 from impls.base import LAYER0_UNUSED
 
 L = 3

@@ -11,9 +11,10 @@ import torch
 from cli_support import assert_one_line_user_error
 
 import impls
-from harness import parity
-from harness.init import rwkv_lm_state_dict
-from harness.model import RWKV, ModelConfig
+from harness.bench import parity
+from harness.bench.cli import main as bench_main
+from harness.model.init import rwkv_lm_state_dict
+from harness.model.rwkv import RWKV, ModelConfig
 from impls.base import LAYER0_UNUSED
 
 SMALL = dict(n_layer=3, n_embd=64, head_size=32, vocab=97, T=16, B=2, device="cpu")
@@ -48,7 +49,7 @@ def test_perturbation_gives_every_matrix_signal_in_bf16() -> None:
 def test_cli_writes_csv_markdown_and_figure(tmp_path: Path, capsys) -> None:
     words = ["impl_a=reference", "impl_b=reference", "dtype_b=fp64", "n_layer=2", "n_embd=64", "head_size=32",
              "vocab=50", "T=8", "B=1", "device=cpu", f"out={tmp_path}"]
-    parity.main(words)
+    bench_main(["parity", *words])
     stem = tmp_path / "reference-fp32_vs_reference-fp64"
     frame = pd.read_csv(stem.with_suffix(".csv"))
     assert {"quantity", "layer", "tensor", "pair", "rel_err", "x", "y", "T", "B", "device", "torch",
@@ -60,7 +61,7 @@ def test_cli_writes_csv_markdown_and_figure(tmp_path: Path, capsys) -> None:
     figure = stem.with_suffix(".png").read_bytes()
     assert figure.startswith(b"\x89PNG")
     assert "## Per layer" in capsys.readouterr().out
-    parity.main(words)
+    bench_main(["parity", *words])
     assert stem.with_suffix(".png").read_bytes() == figure  # fixed metadata, deterministic on the CPU
 
 
@@ -70,13 +71,13 @@ def test_cli_writes_csv_markdown_and_figure(tmp_path: Path, capsys) -> None:
     (["impl_a=nope", "impl_b=reference", "device=cpu"], "unknown impl 'nope'"),
 ])
 def test_user_errors_are_one_line(words: list[str], message: str, tmp_path: Path, capsys) -> None:
-    assert_one_line_user_error(lambda: parity.main([*words, f"out={tmp_path}"]), message, capsys)
+    assert_one_line_user_error(lambda: bench_main(["parity", *words, f"out={tmp_path}"]), message, capsys)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
 def test_cuda_device_without_gpu_is_a_user_error(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
-        parity.main(["impl_a=reference", "impl_b=reference", "device=cuda", f"out={tmp_path}"])
+        bench_main(["parity", "impl_a=reference", "impl_b=reference", "device=cuda", f"out={tmp_path}"])
     assert "no CUDA GPU is visible" in capsys.readouterr().err
 
 

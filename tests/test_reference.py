@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import impls
-from harness.init import rwkv_lm_state_dict
-from harness.model import RWKV, ModelConfig, lm_loss
+from harness.model.init import rwkv_lm_state_dict
+from harness.model.rwkv import RWKV, ModelConfig, lm_loss
 from impls.reference import TimeMix, wkv7_reference
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.report import (
+from harness.report.summary import (
     build_report,
     load_runs,
     loss_table,
@@ -128,8 +128,8 @@ def test_an_experiment_mixing_corpora_is_flagged():
 
 
 def test_report_embeds_the_kernel_winners_and_the_decoding_table(tmp_path):
-    from harness.bench import main as bench_main
-    from harness.bench_kernels import fastest_kernels, read_csv
+    from harness.bench.cli import main as bench_main
+    from harness.bench.wkv_op_report import fastest_kernels, read_csv
 
     results = tmp_path / "results"
     shutil.copytree(FIXTURE, results)

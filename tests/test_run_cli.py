@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.data import write_binidx
+from harness.data.binidx import write_binidx
 
 REPO = Path(__file__).resolve().parent.parent
 # A very small model so that the subprocess tests stay fast on 2 cores.

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.callbacks import ManualGarbageCollection, StepClock
-from harness.train import deepspeed_bf16_config, deepspeed_stage
+from harness.training.callbacks import ManualGarbageCollection, StepClock
+from harness.training.trainer import deepspeed_bf16_config, deepspeed_stage
 
 
 def fake_deepspeed(monkeypatch: pytest.MonkeyPatch, fields: dict) -> None:
@@ -46,7 +46,7 @@ def test_deepspeed_parses_the_strategy_the_trainer_builds():
     from deepspeed.runtime.config import DeepSpeedConfig
     from hydra import compose, initialize_config_dir
 
-    from harness.train import make_strategy, plan_run
+    from harness.training.trainer import make_strategy, plan_run
 
     with initialize_config_dir(version_base=None, config_dir=str(Path(__file__).parents[1] / "conf")):
         cfg = compose("config", overrides=["impl=reference", "model=tiny", "trainer.precision=bf16-mixed"])
@@ -123,7 +123,7 @@ def test_cuda_marks_and_later_reads_never_synchronize():
 def test_overlap_comm_auto_is_on_only_with_several_gpus(world_size, overlap):
     from omegaconf import OmegaConf
 
-    from harness.train import deepspeed_knobs
+    from harness.training.trainer import deepspeed_knobs
 
     knobs = OmegaConf.create({"overlap_comm": "auto", "contiguous_gradients": True})
     assert deepspeed_knobs(knobs, world_size) == {"overlap_comm": overlap, "contiguous_gradients": True}
@@ -139,7 +139,7 @@ def test_sync_free_mask_matches_deepspeed(value):
     import torch
     from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
 
-    from harness.sync_free_clip import mask_invalid_norm
+    from harness.training.sync_free_clip import mask_invalid_norm
 
     theirs, ours = torch.tensor(value), torch.tensor(value)
     mask_nan_or_inf_with_val_inplace(theirs, device="cpu")
@@ -154,7 +154,7 @@ def test_sync_free_clipping_scales_gradients_as_deepspeed_does(value, clip_grad,
     import torch
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    from harness.sync_free_clip import unscale_and_clip_grads
+    from harness.training.sync_free_clip import unscale_and_clip_grads
 
     optimizer = types.SimpleNamespace(clip_grad=clip_grad, loss_scale=loss_scale, device="cpu")
     grads = torch.randn(2, 5, generator=torch.Generator().manual_seed(0))
@@ -168,7 +168,7 @@ def test_sync_free_clipping_scales_gradients_as_deepspeed_does(value, clip_grad,
 def test_clip_factor_clips_large_norms_and_zeroes_invalid_ones():
     import torch
 
-    from harness.sync_free_clip import clip_factor
+    from harness.training.sync_free_clip import clip_factor
 
     assert clip_factor(torch.tensor(0.5), 1.0, 1.0).item() == 1.0
     assert clip_factor(torch.tensor(4.0), 2.0, 1.0).item() == pytest.approx(2.0)
@@ -181,8 +181,8 @@ def test_sync_free_clip_is_installed_only_for_zero_1_and_2(monkeypatch):
 
     from deepspeed.runtime.zero import stage_1_and_2
 
-    from harness import sync_free_clip
-    from harness.train import install_sync_free_clip
+    from harness.training import sync_free_clip
+    from harness.training.trainer import install_sync_free_clip
 
     monkeypatch.setattr(stage_1_and_2.DeepSpeedZeroOptimizer, "unscale_and_clip_grads",
                         stage_1_and_2.DeepSpeedZeroOptimizer.unscale_and_clip_grads)
@@ -204,7 +204,7 @@ def test_gpu_optimizer_is_fused_unless_lightning_clips_under_mixed_precision(pre
     import torch
     from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
 
-    from harness.train import make_optimizer, plan_run
+    from harness.training.trainer import make_optimizer, plan_run
 
     cfg = tiny_config()
     plan = dataclasses.replace(plan_run(cfg), strategy="single_device", accelerator="gpu", precision=precision)
@@ -221,7 +221,7 @@ def tiny_config():
 
 
 def tiny_plan():
-    from harness.train import plan_run
+    from harness.training.trainer import plan_run
 
     return plan_run(tiny_config())
 
@@ -231,7 +231,7 @@ def tiny_plan():
 def test_sync_free_clipping_never_synchronizes(value):
     import torch
 
-    from harness.sync_free_clip import mask_invalid_norm, unscale_and_clip_grads
+    from harness.training.sync_free_clip import mask_invalid_norm, unscale_and_clip_grads
 
     optimizer = types.SimpleNamespace(clip_grad=1.0, loss_scale=1.0, device="cuda")
     grads, norm = torch.ones(1000, device="cuda"), torch.full((), value, device="cuda")

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from harness.errors import HarnessError
+from impls.base import ImplementationError
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "results" / "autotune"
 MODES = ("replay", "record", "off")
@@ -39,7 +39,7 @@ _state: dict[str, Any] = {"mode": None}
 def mode() -> str:
     chosen = os.environ.get("RWKV_AUTOTUNE", "replay")
     if chosen not in MODES:
-        raise HarnessError(f"RWKV_AUTOTUNE={chosen!r}; choose one of {', '.join(MODES)}")
+        raise ImplementationError(f"RWKV_AUTOTUNE={chosen!r}; choose one of {', '.join(MODES)}")
     return chosen
 
 

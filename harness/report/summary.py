@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from harness.bench import decoding_report, wkv_op_report
+from harness.bench.grid import device_label
 from harness.errors import HarnessError, exit_on_user_error
+from harness.figures import save_figure
+from harness.tables import markdown_table
 
 ARM_KEYS = ["experiment", "impl", "init", "bsz", "grouping"]
 LAST_STEPS = 200  # the published comparison's metric: mean loss over the last 200 steps
@@ -197,21 +200,6 @@ def _arm_label(row: pd.Series) -> str:
     return f"{row['impl']} / {row['init']} / bsz {row['bsz']}" + ("" if row["grouping"] == "by_role" else " / by_name")
 
 
-def _save(fig, path: Path) -> None:
-    fig.savefig(path, dpi=110, metadata={"Software": None, "Creation Time": None}, bbox_inches="tight")
-
-
-def finish_figure(fig, path: Path, title: str) -> None:
-    """Suptitle, tight layout, deterministic PNG, close."""
-    import matplotlib.pyplot as plt
-
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _save(fig, path)
-    plt.close(fig)
-
-
 def plot_loss(steps: pd.DataFrame, path: Path, title: str, window: int = 25) -> None:
     import matplotlib.pyplot as plt
 
@@ -233,7 +221,7 @@ def plot_loss(steps: pd.DataFrame, path: Path, title: str, window: int = 25) -> 
     ax.set(title=title, xlabel="tokens (millions)", ylabel="cross-entropy loss (nats/token)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -247,7 +235,7 @@ def plot_throughput(steps: pd.DataFrame, path: Path, title: str) -> None:
     sns.boxplot(data=timed, x="kt_per_s", y="arm", ax=ax, whis=1.5, fliersize=2, order=sorted(timed["arm"].unique()))
     ax.set(title=f"{title} (warm-up excluded; whiskers at 1.5 x IQR)", xlabel="kilo-tokens / s", ylabel="")
     ax.grid(alpha=0.3, axis="x")
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -275,27 +263,12 @@ def plot_loss_gap(steps: pd.DataFrame, path: Path, baseline: str, window: int = 
            xlabel="tokens (millions)", ylabel="loss - baseline loss (nats/token)")
     if plotted:
         ax.legend(fontsize=7)
-        _save(fig, path)
+        save_figure(fig, path)
     plt.close(fig)
     return plotted
 
 
 # --- tables ----------------------------------------------------------------------------------------------
-
-
-def _fmt(value: object) -> str:
-    if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)):
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
-    return str(value)
-
-
-def markdown_table(table: pd.DataFrame) -> str:
-    header = "| " + " | ".join(table.columns) + " |"
-    rule = "|" + "|".join("---" for _ in table.columns) + "|"
-    body = ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join([header, rule, *body])
 
 
 def bench_table(results_dir: Path) -> pd.DataFrame | None:
@@ -355,38 +328,34 @@ def overhead_markdown(results_dir: Path) -> list[str]:
 
 def kernels_markdown(results_dir: Path) -> list[str]:
     """Which WKV kernel is fastest where (results/bench/kernels.csv, ``python -m harness.bench kernels``)."""
-    from harness import bench_kernels
-
     path = results_dir / "bench" / "kernels.csv"
     if not path.exists():
         return []
-    frame = bench_kernels.read_csv(path)
+    frame = wkv_op_report.read_csv(path)
     first = frame.iloc[0]
     return [
         "### WKV op: fastest kernel per shape",
         f"From results/bench/kernels.csv (`python -m harness.bench kernels`; times and errors in "
-        f"results/bench/kernels.md): bf16, N={first['N']}, {bench_kernels.device_label(first)}, commit "
-        f"{str(first['git_commit'])[:8]}. {bench_kernels.FASTEST_NOTE}",
-        bench_kernels.fastest_markdown(frame),
+        f"results/bench/kernels.md): bf16, N={first['N']}, {device_label(first)}, commit "
+        f"{str(first['git_commit'])[:8]}. {wkv_op_report.FASTEST_NOTE}",
+        wkv_op_report.fastest_markdown(frame),
     ]
 
 
 def inference_markdown(results_dir: Path) -> list[str]:
     """Decode latency and state size vs context (results/bench/inference.csv, ``python -m harness.bench inference``)."""
-    from harness import inference
-
     path = results_dir / "bench" / "inference.csv"
     if not path.exists():
         return []
-    frame = inference.read_csv(path)
+    frame = decoding_report.read_csv(path)
     first = frame.iloc[0]
     lines = [
         "### Decoding: per-token latency and state vs context length",
         f"From results/bench/inference.csv (`python -m harness.bench inference`): {first['size']}, {first['dtype']}, "
-        f"{inference.device_label(first)}, commit {str(first['git_commit'])[:8]}. `decode_ms_L*`: median ms per "
+        f"{device_label(first)}, commit {str(first['git_commit'])[:8]}. `decode_ms_L*`: median ms per "
         f"decode step after a prefill of L tokens; `state_mib`: the measured state or KV cache and "
         f"`decode_peak_mib`: peak allocated memory over the weights while decoding, both at `at_L`.",
-        markdown_table(inference.summary_table(frame)),
+        markdown_table(decoding_report.summary_table(frame)),
     ]
     ops_path = results_dir / "bench" / "inference_ops.csv"
     if ops_path.exists():
@@ -502,6 +471,3 @@ def main(argv: list[str] | None = None) -> None:
     for path in written:
         print(f"wrote {path}")
 
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -11,8 +11,8 @@ formats without them and restored with RWKV-LM's init values toward formats that
 on stderr, exit code 2, and nothing written: everything is checked first, then written under a temporary name and
 renamed.
 
-:data:`FLA_ATT_NAME_MAP` is the RWKV-LM <-> FLA time-mix table (notes §5); ``impl=fla`` uses it as its name map, so
-the same table backs the converter and ``init=shared``.
+The RWKV-LM <-> FLA time-mix table (notes §5) is :data:`impls.fla_names.FLA_ATT_NAME_MAP`, the name map
+``impl=fla`` owns, so the same table backs the converter and ``init=shared``.
 """
 
 from __future__ import annotations
@@ -34,34 +34,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import impls
-from harness.checkpoint import Checkpoint, is_checkpoint, load_checkpoint, save_checkpoint
-from harness.errors import HarnessError
-from harness.init import lora_rank, lora_ranks, value_residual_init
-from harness.model import ModelConfig, canonical_key, native_key
+from harness.errors import USER_ERRORS, HarnessError
+from harness.model.checkpoint import Checkpoint, is_checkpoint, load_checkpoint, save_checkpoint
+from harness.model.rwkv import ModelConfig, canonical_key, native_key
 from impls.base import CANONICAL_ATT_NAMES, LAYER0_UNUSED, NameMap, Transform, to_canonical, to_native
+from impls.fla_names import FLA_ATT_NAME_MAP
+from impls.init import lora_rank, lora_ranks, value_residual_init
 
 FORMATS = ("rwkv-lm", "fla", "harness")
 DTYPES: dict[str, torch.dtype | None] = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 RESTORE_SEED = 0
-
-FLA_ATT_NAME_MAP = NameMap(
-    {
-        **{f"x_{c}": (f"x_{c}", "same") for c in "rwkvag"},
-        **{f"{c}0": (f"{c}_lora.lora.2.bias", "flat") for c in "wav"},
-        **{f"{c}1": (f"{c}_lora.lora.0.weight", "T") for c in "wavg"},
-        **{f"{c}2": (f"{c}_lora.lora.2.weight", "T") for c in "wavg"},
-        "k_k": ("k_k", "flat"),
-        "k_a": ("k_a", "flat"),
-        "r_k": ("r_k", "same"),
-        "receptance.weight": ("r_proj.weight", "same"),
-        "key.weight": ("k_proj.weight", "same"),
-        "value.weight": ("v_proj.weight", "same"),
-        "output.weight": ("o_proj.weight", "same"),
-        "ln_x.weight": ("g_norm.weight", "same"),
-        "ln_x.bias": ("g_norm.bias", "same"),
-    },
-    absent_in_layer0=LAYER0_UNUSED,
-)
 
 # FLA RWKV7ForCausalLM names outside the time-mix.
 _FLA_TOP = {"emb.weight": "model.embeddings.weight", "ln_out.weight": "model.norm.weight",
@@ -565,12 +547,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lines = convert(args.src, args.dst, args.from_fmt, args.to_fmt, args.impl, args.dtype, args.dry_run,
                         args.force)
-    except HarnessError as exc:
+    except USER_ERRORS as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     print("\n".join(lines))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

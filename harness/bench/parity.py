@@ -1,4 +1,4 @@
-"""Per-layer numerical parity of two implementations: ``python -m harness.parity impl_a=fla impl_b=rwkv_jit``.
+"""Per-layer numerical parity of two implementations: ``python -m harness.bench parity impl_a=fla impl_b=rwkv_jit``.
 
 Both implementations, and the reference implementation in fp64 as the oracle, get the same weights: RWKV-LM's
 effective init (``init=shared`` through :func:`harness.init.apply_init`) plus a small seeded, bf16-representable
@@ -18,7 +18,6 @@ cpu), out. Writes ``<out>/<stem>.csv`` (tidy: one row per tensor and comparison)
 
 from __future__ import annotations
 
-import argparse
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +28,13 @@ import torch
 from torch import nn
 
 import impls
-from harness.bench import parse_overrides, with_environment
+from harness.bench.grid import with_environment
 from harness.env import environment
-from harness.errors import HarnessError, exit_on_user_error
-from harness.init import apply_init
-from harness.model import RWKV, ModelConfig, lm_loss
-from harness.report import _save, markdown_table
+from harness.errors import HarnessError
+from harness.figures import save_figure
+from harness.model.init import apply_init
+from harness.model.rwkv import RWKV, ModelConfig, lm_loss
+from harness.tables import markdown_table
 from impls.base import Implementation, to_canonical
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
@@ -323,7 +323,7 @@ def plot(table: pd.DataFrame, selected: list[Arm], path: Path) -> None:
     fig.suptitle(f"Per-layer parity, {roles_legend(selected)}", fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -337,21 +337,3 @@ def write_outputs(table: pd.DataFrame, selected: list[Arm], out_dir: Path) -> li
     paths[1].write_text(markdown(table, selected))
     plot(table, selected, paths[2])
     return paths
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m harness.parity", description=__doc__.split("\n\n")[0])
-    parser.add_argument("overrides", nargs="*", help="key=value, keys: " + ", ".join(ParityConfig.__annotations__))
-    args = parser.parse_args(argv)
-    cfg = parse_overrides(args.overrides, ParityConfig())
-    with exit_on_user_error():
-        table, selected = run_parity(cfg)
-        table = with_context(table, cfg, selected, resolve_device(cfg.device))
-        paths = write_outputs(table, selected, Path(cfg.out))
-    print(paths[1].read_text().split("\n## Parameter gradients")[0])
-    for path in paths:
-        print(f"wrote {path}")
-
-
-if __name__ == "__main__":
-    main()

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from harness.data.tokenizer import END_OF_DOCUMENT, load_world_tokenizer
 from harness.errors import HarnessError, exit_on_user_error
-from harness.tokenizer import END_OF_DOCUMENT, load_world_tokenizer
 
 _MAGIC = b"MMIDIDX\x00\x00"
 _VERSION = 1
@@ -165,7 +165,7 @@ def _read_index(path: Path) -> tuple[np.dtype, np.ndarray, np.ndarray, np.ndarra
 
 
 def default_data_prefix() -> Path:
-    """Prefix of the bundled sample data set (see harness/assets/SAMPLE_DATA.md)."""
+    """Prefix of the bundled sample data set (see harness/data/assets/SAMPLE_DATA.md)."""
     return Path(__file__).resolve().parent / "assets" / "sample"
 
 
@@ -397,6 +397,3 @@ def main(argv: Sequence[str] | None = None) -> None:
         except OSError as exc:
             raise DataError(str(exc)) from None
 
-
-if __name__ == "__main__":
-    main()

@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from harness.errors import HarnessError
-from harness.model import RWKV, ModelConfig
+from harness.model.rwkv import RWKV, ModelConfig
 
 FORMAT = "rwkv7-harness-checkpoint"
 FORMAT_VERSION = "1"

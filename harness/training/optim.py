@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from harness.model import RWKV
+from harness.model.rwkv import RWKV
 
 Grouping = Literal["by_role", "by_name"]
 GROUP_LR_SCALE = {"lr2x": 2.0, "decay": 1.0, "plain": 1.0}

@@ -52,26 +52,27 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from harness.autotune_cache import activate_for_fla
-from harness.bench import free_memory, guarded_measurement, parse_overrides, synchronize, with_environment
-from harness.env import environment
-from harness.errors import HarnessError
-from harness.results import (
+from harness.bench.grid import (
     BUDGET_SKIP,
     blocked_after_failures,
     budget_skip,
     budget_skip_note,
     csv_cells,
     failure_skip,
-    read_bench_csv,
+    free_memory,
+    guarded_measurement,
     resumable_rows,
+    synchronize,
+    with_environment,
 )
-from impls.reference import W_SCALE, wkv7_reference
+from harness.env import environment
+from harness.errors import HarnessError
+from impls.reference import W_SCALE, log_decay, wkv7_reference
+from impls.triton_autotune import activate_for_fla
 
 Op = Callable[..., torch.Tensor]  # op(r, w, k, v, a, b) -> y, all (B, T, H, N)
 
@@ -150,11 +151,6 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     Kernel("reference", _reference_op, "pure-PyTorch loop (impls/reference.py), fp32 compute",
            needs_cuda=False, max_T=REFERENCE_MAX_T),
 )}
-
-
-def log_decay(w_raw: torch.Tensor) -> torch.Tensor:
-    """RWKV's raw decay logit -> FLA's natural-log decay -e^-0.5 * sigmoid(w), in fp32, back in w's dtype."""
-    return (W_SCALE * torch.sigmoid(w_raw.float())).to(w_raw.dtype)
 
 
 def kernel_inputs(kernel: Kernel, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -494,165 +490,3 @@ def run_grid(cfg: KernelBenchConfig, csv_path: Path) -> None:
             free_memory(cfg.device)
     if note := budget_skip_note(statuses):
         print(note)
-
-
-# --- figure and tables --------------------------------------------------------------------------------------
-
-
-def worst_grad_error(frame: pd.DataFrame) -> pd.Series:
-    return frame[[f"rel_err_{x}" for x in GRADS]].max(axis=1, skipna=True)
-
-
-def _plot_times(ax, rows: pd.DataFrame, colors: dict) -> None:
-    for kernel, group in rows.groupby("kernel"):
-        group = group.sort_values("T")
-        ax.plot(group["T"], group["median_ms"], "o-", ms=3, color=colors.get(kernel), label=kernel)
-        ax.fill_between(group["T"], group["p20_ms"], group["p80_ms"], color=colors.get(kernel), alpha=0.2)
-
-
-def _plot_errors(ax, rows: pd.DataFrame, colors: dict) -> None:
-    for kernel, group in rows.groupby("kernel"):
-        output = group.groupby("T")["rel_err_y"].first().dropna()
-        grads = group.assign(worst=worst_grad_error(group)).groupby("T")["worst"].max().dropna()
-        for series, style, what in ((output, "o-", "y"), (grads, "s--", "worst grad")):
-            if len(series):
-                ax.plot(series.index, series, style, ms=3, color=colors.get(kernel), label=f"{kernel} {what}")
-
-
-def plot_kernels(frame: pd.DataFrame, path: Path) -> None:
-    """Log-log time vs T, one column per (B, H) and one row per mode, and a last row of relative errors vs T
-    (output solid, worst gradient dashed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from harness.report import finish_figure
-
-    panels = sorted(frame[["B", "H"]].drop_duplicates().itertuples(index=False, name=None))
-    modes = [m for m in MODES if m in set(frame["mode"])]
-    colors = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(KERNELS)}
-    fig, axes = plt.subplots(len(modes) + 1, len(panels), figsize=(3.4 * len(panels), 2.8 * (len(modes) + 1)),
-                             squeeze=False, sharex=True)
-    for col, (B, H) in enumerate(panels):
-        shape = frame[(frame["B"] == B) & (frame["H"] == H)]
-        for row, mode in enumerate(modes):
-            _plot_times(axes[row][col], shape[(shape["mode"] == mode) & (shape["status"] == "ok")], colors)
-            axes[row][col].set_title(f"{'fwd' if mode == 'fwd' else 'fwd+bwd'}, B={B} H={H}", fontsize=9)
-            axes[row][col].set_ylabel("ms (median, p20-p80)" if col == 0 else "")
-        _plot_errors(axes[-1][col], shape, colors)
-        axes[-1][col].set_title(f"rel. error vs fp64, H={H}", fontsize=9)
-        axes[-1][col].set_ylabel("||x-ref|| / ||ref||" if col == 0 else "")
-        axes[-1][col].set_xlabel("T (sequence length)")
-    lengths = sorted(frame["T"].unique())
-    for ax in axes.flat:
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(lengths, [str(t) for t in lengths], fontsize=7, rotation=45)
-        ax.minorticks_off()
-        if ax.has_data():
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3, which="both")
-    for ax, size in ((axes[0][-1], 7), (axes[-1][-1], 6)):
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=size)
-    first = frame.iloc[0]
-    finish_figure(fig, path, f"WKV op, {first['dtype']} inputs, N={first['N']}: time vs T and accuracy "
-                  f"({device_label(first)}, torch {first['torch']}, triton {first['triton']}, fla {first['fla']})")
-
-
-def device_label(row: pd.Series) -> str:
-    return row["gpu"] if isinstance(row["gpu"], str) and row["gpu"] else str(row["device"])
-
-
-def _t_label(column: object) -> str:
-    return f"T={column}" if isinstance(column, (int, np.integer)) else str(column)
-
-
-def _cell_time(row: pd.Series) -> str:
-    return f"{row['median_ms']:.3g}" if row["status"] == "ok" else str(row["status"]).split()[0]
-
-
-def _cell_accuracy(row: pd.Series) -> str:
-    if pd.isna(row["rel_err_y"]):
-        return "–"
-    return f"{row['rel_err_y']:.1e}" + ("" if pd.isna(row["worst_grad"]) else f" / {row['worst_grad']:.1e}")
-
-
-def fastest_kernels(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per timed (mode, B, H, T): the fastest kernel, its median ms, the runner-up and ``margin`` = the runner-up's
-    median over the fastest's (NaN where only one kernel was timed)."""
-    timed = frame[frame["status"] == "ok"].sort_values("median_ms", kind="stable")
-    rows = []
-    for (mode, B, H, T), shape in timed.groupby(["mode", "B", "H", "T"], sort=True):
-        first = shape.iloc[0]
-        second = shape.iloc[1] if len(shape) > 1 else None
-        rows.append({"mode": mode, "B": B, "H": H, "T": T, "fastest": first["kernel"], "median_ms": first["median_ms"],
-                     "runner_up": None if second is None else second["kernel"],
-                     "margin": np.nan if second is None else second["median_ms"] / first["median_ms"]})
-    return pd.DataFrame(rows, columns=["mode", "B", "H", "T", "fastest", "median_ms", "runner_up", "margin"])
-
-
-def _cell_fastest(row: pd.Series) -> str:
-    return f"{row['fastest']} (alone)" if pd.isna(row["margin"]) else f"{row['fastest']} {row['margin']:.2f}x"
-
-
-def fastest_markdown(frame: pd.DataFrame) -> str:
-    """(mode, B, H) x T: which kernel is fastest and by how much over the next fastest."""
-    from harness.report import markdown_table
-
-    best = fastest_kernels(frame)
-    cells = best.assign(cell=best.apply(_cell_fastest, axis=1)).pivot_table(
-        index=["mode", "B", "H"], columns="T", values="cell", aggfunc="first").reset_index()
-    return markdown_table(cells.rename(columns=_t_label))
-
-
-FASTEST_NOTE = ("Each cell: the fastest kernel at that shape and its margin, the next fastest kernel's median time "
-                "over its own; \"(alone)\": no other kernel was timed there.")
-
-
-def markdown_tables(frame: pd.DataFrame) -> str:
-    """Median ms per (mode, B, H, kernel) x T, the fastest kernel per shape, and relative errors (output / worst
-    gradient) per (H, kernel) x T."""
-    from harness.report import markdown_table
-
-    times = frame.assign(cell=frame.apply(_cell_time, axis=1)).pivot_table(
-        index=["mode", "B", "H", "kernel"], columns="T", values="cell", aggfunc="first").reset_index()
-    acc_rows = frame.sort_values("mode", ascending=False).drop_duplicates(["H", "kernel", "T"])
-    acc_rows = acc_rows.assign(worst_grad=worst_grad_error(acc_rows))
-    accuracy = acc_rows.assign(cell=acc_rows.apply(_cell_accuracy, axis=1)).pivot_table(
-        index=["H", "kernel"], columns="T", values="cell", aggfunc="first").reset_index()
-    measured = acc_rows.dropna(subset=["acc_B", "acc_T"])
-    first = frame.iloc[0]
-    return "\n\n".join([
-        "# WKV op: time and accuracy",
-        f"{first['dtype']} inputs, N={first['N']}, {device_label(first)}, torch {first['torch']}, "
-        f"triton {first['triton']}, fla {first['fla']}, commit {str(first['git_commit'])[:8]}.",
-        "## Median time (ms; a word where the row was not timed: oom, too_slow, skipped, error)",
-        markdown_table(times.rename(columns=_t_label)),
-        "## Fastest kernel",
-        FASTEST_NOTE,
-        fastest_markdown(frame),
-        "## Relative error vs the fp64 loop (output / worst of the six input gradients)",
-        f"Measured at B={', '.join(str(int(b)) for b in sorted(measured['acc_B'].unique()))} and T capped at "
-        f"{int(measured['acc_T'].max()) if len(measured) else '–'} (the fp64 loop is slow; columns acc_B, acc_T "
-        "of the CSV give each row's shape).",
-        markdown_table(accuracy.rename(columns=_t_label)),
-    ]) + "\n"
-
-
-def read_csv(path: Path) -> pd.DataFrame:
-    return read_bench_csv(path, FIELDS, "kernels", {"status": str, "acc_status": str, "gpu": str})
-
-
-def main(overrides: list[str], quick: bool = False, plot_only: bool = False) -> None:
-    """The ``kernels`` subcommand of ``python -m harness.bench`` (whose main turns HarnessErrors into one line)."""
-    cfg = parse_overrides(overrides, QUICK if quick else KernelBenchConfig())
-    csv_path = Path(cfg.out) / f"{cfg.name}.csv"
-    if not plot_only:
-        run_grid(cfg, csv_path)
-    frame = read_csv(csv_path)
-    figure, table = Path(cfg.figures) / f"{cfg.name}.png", Path(cfg.out) / f"{cfg.name}.md"
-    plot_kernels(frame, figure)
-    table.write_text(markdown_tables(frame))
-    for path in ([] if plot_only else [csv_path]) + [table, figure]:
-        print(f"wrote {path}")

@@ -23,8 +23,14 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 import impls
-from harness import autotune_cache, sync_free_clip
-from harness.callbacks import (
+from harness.data.binidx import BinIdx, ResumeSampler, StepWindows, default_data_prefix, magic_prime
+from harness.env import environment
+from harness.errors import HarnessError
+from harness.model.init import apply_init
+from harness.model.rwkv import RWKV, ModelConfig, count_parameters, lm_loss
+from harness.results import RunDir, StepLog, portable_path, read_steps, throughput_summary
+from harness.training import sync_free_clip
+from harness.training.callbacks import (
     Checkpointer,
     LRScheduler,
     ManualGarbageCollection,
@@ -34,13 +40,8 @@ from harness.callbacks import (
     SyncCounter,
     progress_bar,
 )
-from harness.data import BinIdx, ResumeSampler, StepWindows, default_data_prefix, magic_prime
-from harness.env import environment
-from harness.errors import HarnessError
-from harness.init import apply_init
-from harness.model import RWKV, ModelConfig, count_parameters, lm_loss
-from harness.optim import LRSchedule, describe_groups, param_groups
-from harness.results import RunDir, StepLog, portable_path, read_steps, throughput_summary
+from harness.training.optim import LRSchedule, describe_groups, param_groups
+from impls import triton_autotune as autotune_cache
 from impls.base import Implementation
 
 # Dense bf16 peak per GPU, for MFU (6 x non-embedding parameters per token).

@@ -20,8 +20,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from harness.errors import HarnessError
-from harness.optim import LRSchedule, set_lr
+from harness.profiling import profile_summary
 from harness.results import RunDir, StepLog, portable_path
+from harness.training.optim import LRSchedule, set_lr
 
 
 class NonFiniteLoss(HarnessError):
@@ -254,8 +255,6 @@ class StepProfiler(_StepWindow):
 
     def _report(self, trainer: L.Trainer) -> None:
         if trainer.is_global_zero:
-            from harness.bench import profile_summary
-
             last = self.start_step + self.steps - 1
             header = f"run {portable_path(self.run_dir.path)}: steps {self.start_step}..{last}"
             (self.run_dir.path / "profile.txt").write_text(

@@ -1,0 +1,99 @@
+"""``python -m harness.bench {step,kernels,inference,parity} [key=value ...]``: one command line for every benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from harness.bench import decoding, decoding_report, parity, step, wkv_op, wkv_op_report
+from harness.bench.grid import with_environment
+from harness.config import parse_overrides
+from harness.env import environment
+from harness.errors import exit_on_user_error
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m harness.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["step", "kernels", "inference", "parity"],
+                        help="step: whole training step; kernels: the WKV op alone (harness/bench/wkv_op.py); "
+                             "inference: decoding vs context length (harness/bench/decoding.py); "
+                             "parity: two impls layer by layer vs the fp64 reference (harness/bench/parity.py)")
+    parser.add_argument("overrides", nargs="*", help="key=value; step keys: " + ", ".join(
+        f.name for f in dataclasses.fields(step.StepConfig)) + "; kernels keys: see harness/bench/wkv_op.py")
+    parser.add_argument("--profile", action="store_true", help="step: print the top CUDA kernels instead of timing")
+    parser.add_argument("--quick", action="store_true", help="kernels: a tiny grid for smoke tests")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="inference: operators per decode step of each model (inference_ops.csv), no timing")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="kernels, inference: redraw the figures (and table) from an existing CSV")
+    args = parser.parse_intermixed_args(argv)
+    with exit_on_user_error():
+        run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> None:
+    if args.command == "kernels":
+        kernels_command(args.overrides, quick=args.quick, plot_only=args.plot_only)
+        return
+    if args.command == "inference":  # decoding latency and memory vs context (harness/bench/decoding.py)
+        inference_command(args.overrides, plot_only=args.plot_only, count_ops=args.count_ops)
+        return
+    if args.command == "parity":
+        parity_command(args.overrides)
+        return
+    cfg = parse_overrides(args.overrides, step.StepConfig())
+    out_dir = Path(cfg.out)
+    if args.profile:
+        report = step.profile(cfg)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"profile_{cfg.impl}_bsz{cfg.bsz}.txt").write_text(report + "\n")
+        print(report)
+        return
+    row = with_environment(step.measure(cfg), env := environment())
+    path = step.append_row(row, env, out_dir)
+    print(f"{row['impl']} bsz={row['bsz']} ctx={row['ctx']}: {row['kt_per_s']} kt/s, {row['step_ms']} ms/step, "
+          f"peak {row['peak_mem_gib']} GiB on {row['gpu']} -> {path}")
+
+
+def kernels_command(overrides: list[str], quick: bool = False, plot_only: bool = False) -> None:
+    """The WKV-op grid into ``<name>.csv``, then its tables and figure."""
+    cfg = parse_overrides(overrides, wkv_op.QUICK if quick else wkv_op.KernelBenchConfig())
+    csv_path = Path(cfg.out) / f"{cfg.name}.csv"
+    if not plot_only:
+        wkv_op.run_grid(cfg, csv_path)
+    frame = wkv_op_report.read_csv(csv_path)
+    figure, table = Path(cfg.figures) / f"{cfg.name}.png", Path(cfg.out) / f"{cfg.name}.md"
+    wkv_op_report.plot_kernels(frame, figure)
+    table.write_text(wkv_op_report.markdown_tables(frame))
+    for path in ([] if plot_only else [csv_path]) + [table, figure]:
+        print(f"wrote {path}")
+
+
+def inference_command(overrides: list[str], plot_only: bool = False, count_ops: bool = False) -> None:
+    """Decoding vs context: the grid into ``inference.csv`` and its figures, or the operator count."""
+    cfg = parse_overrides(overrides, decoding.InferenceConfig())
+    if count_ops:
+        decoding.validate(cfg)
+        path = Path(cfg.out) / "inference_ops.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        decoding.ops_table(cfg).to_csv(path, index=False)
+        print(f"wrote {path}")
+        return
+    csv_path = Path(cfg.out) / "inference.csv"
+    if not plot_only:
+        decoding.run_grid(cfg, csv_path)
+    figures = decoding_report.plot(decoding_report.read_csv(csv_path), Path(cfg.figures))
+    for path in ([] if plot_only else [csv_path]) + figures:
+        print(f"wrote {path}")
+
+
+def parity_command(overrides: list[str]) -> None:
+    """Two implementations and the fp64 reference on shared weights: the per-layer table, its markdown and figure."""
+    cfg = parse_overrides(overrides, parity.ParityConfig())
+    table, selected = parity.run_parity(cfg)
+    table = parity.with_context(table, cfg, selected, parity.resolve_device(cfg.device))
+    paths = parity.write_outputs(table, selected, Path(cfg.out))
+    print(paths[1].read_text().split("\n## Parameter gradients")[0])
+    for path in paths:
+        print(f"wrote {path}")

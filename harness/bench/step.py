@@ -1,0 +1,140 @@
+"""Bare training-step benchmark, like nanoGPT's bench.py: ``python -m harness.bench step impl=rwkv bsz=48``.
+
+Measured as in h100-anchors.md: the full model (default L12-D768, vocab 65536, ctx 512) with bf16 weights, fused
+torch AdamW (betas 0.9/0.99, eps 1e-18, one parameter group), grad clip 1.0, no gradient checkpointing, random
+tokens; ``warmup`` steps, then ``steps`` timed steps between two ``torch.cuda.synchronize()`` calls;
+kt/s = tokens / wall time / 1000. One run appends one row to ``<out>/step.csv`` and the same row with the whole
+environment to ``<out>/step.jsonl``. With ``--profile`` it instead prints (and saves) the CUDA kernels that take the
+time of a few steps. Any ``impl=`` name of the registry works. Run from a copy of the tree without ``.git`` (a remote
+GPU box), name the commit with $RWKV_GIT_COMMIT and $RWKV_GIT_DIRTY (harness.env.git_state).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import impls
+from harness.bench.grid import synchronize
+from harness.errors import HarnessError
+from harness.model.rwkv import RWKV, ModelConfig, lm_loss
+from harness.profiling import profile_summary
+
+FIELDS = ("timestamp", "impl", "bsz", "ctx", "n_layer", "n_embd", "vocab", "kt_per_s", "step_ms", "peak_mem_gib",
+          "loss", "gpu", "torch", "triton", "cuda", "git_commit", "git_dirty", "jit", "nvcc_flags", "warmup", "steps")
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    impl: str = "rwkv"
+    bsz: int = 48
+    ctx: int = 512
+    n_layer: int = 12
+    n_embd: int = 768
+    head_size: int = 64
+    vocab: int = 65536
+    warmup: int = 8
+    steps: int = 30
+    profile_steps: int = 3
+    lr: float = 1e-4
+    seed: int = 0
+    device: str = "cuda"
+    out: str = "results/bench"
+
+
+def build(cfg: StepConfig) -> tuple[nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor]:
+    """Model in bf16 on the device, its optimizer, and one batch of random tokens and targets."""
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise HarnessError("the step benchmark needs a CUDA GPU (device=cpu gives a smoke run)")
+    torch.manual_seed(cfg.seed)
+    model_cfg = ModelConfig(n_layer=cfg.n_layer, n_embd=cfg.n_embd, head_size=cfg.head_size,
+                            vocab_size=cfg.vocab, ctx_len=cfg.ctx)
+    model = RWKV(impls.get(cfg.impl), model_cfg).to(device=cfg.device, dtype=torch.bfloat16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-18, weight_decay=0.0,
+                                  fused=cfg.device.startswith("cuda"))
+    tokens = torch.randint(0, cfg.vocab, (cfg.bsz, cfg.ctx + 1), device=cfg.device)
+    return model, optimizer, tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, idx: torch.Tensor,
+               targets: torch.Tensor) -> torch.Tensor:
+    """Forward, backward, clip to norm 1.0, AdamW step; returns the (detached) loss without synchronising."""
+    loss = lm_loss(model(idx), targets)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def measure(cfg: StepConfig) -> dict[str, object]:
+    """Time ``cfg.steps`` training steps after ``cfg.warmup``; the result row without environment fields."""
+    model, optimizer, idx, targets = build(cfg)
+    for _ in range(cfg.warmup):
+        train_step(model, optimizer, idx, targets)
+    synchronize(cfg.device)
+    cuda = cfg.device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(cfg.steps):
+        loss = train_step(model, optimizer, idx, targets)
+    synchronize(cfg.device)
+    wall = time.perf_counter() - start
+    impl = model.impl
+    return {
+        "impl": cfg.impl, "bsz": cfg.bsz, "ctx": cfg.ctx, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd,
+        "vocab": cfg.vocab,
+        "kt_per_s": round(cfg.bsz * cfg.ctx * cfg.steps / wall / 1000, 2),
+        "step_ms": round(wall / cfg.steps * 1000, 2),
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "loss": round(float(loss), 4),
+        "jit": bool(impl.flags.get("jit", False)),
+        "nvcc_flags": impl.flags.get("nvcc_flags", ""),
+        "warmup": cfg.warmup, "steps": cfg.steps,
+    }
+
+
+def append_row(row: dict[str, object], env: dict[str, object], out_dir: Path) -> Path:
+    """Append ``row`` to out_dir/step.csv (header written once) and, with ``env``, to out_dir/step.jsonl."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "step.csv"
+    exists = path.exists() and path.stat().st_size > 0
+    if exists:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f))
+        if tuple(header) != FIELDS:
+            raise HarnessError(f"{path} has other columns than this benchmark writes; move it aside")
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS, lineterminator="\n")
+        if not exists:
+            writer.writeheader()
+        writer.writerow({key: row[key] for key in FIELDS})
+    with (out_dir / "step.jsonl").open("a") as f:
+        f.write(json.dumps({**row, "environment": env}, default=str) + "\n")
+    return path
+
+
+def profile(cfg: StepConfig) -> str:
+    """Profile ``cfg.profile_steps`` training steps after the warm-up; returns the kernel report."""
+    from torch.profiler import ProfilerActivity
+
+    model, optimizer, idx, targets = build(cfg)
+    for _ in range(cfg.warmup):
+        train_step(model, optimizer, idx, targets)
+    synchronize(cfg.device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cfg.device.startswith("cuda") else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(cfg.profile_steps):
+            train_step(model, optimizer, idx, targets)
+        synchronize(cfg.device)
+        wall = time.perf_counter() - start
+    header = f"impl={cfg.impl} bsz={cfg.bsz} ctx={cfg.ctx} L{cfg.n_layer}-D{cfg.n_embd} vocab {cfg.vocab}"
+    return profile_summary(prof.key_averages(), cfg.profile_steps, wall, header)

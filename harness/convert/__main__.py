@@ -1,0 +1,5 @@
+import sys
+
+from harness.convert.convert import main
+
+sys.exit(main())

@@ -1,0 +1,3 @@
+from harness.data.binidx import main
+
+main()

@@ -1,0 +1,1 @@
+"""``python -m harness.report``: results/ -> figures/ and results/summary.md (:mod:`~harness.report.summary`)."""

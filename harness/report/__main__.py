@@ -1,0 +1,5 @@
+import sys
+
+from harness.report.summary import main
+
+main(sys.argv[1:])

@@ -1,0 +1,5 @@
+"""The one training path (PyTorch Lightning; DeepSpeed ZeRO-2 bf16 on GPUs): :mod:`~harness.training.trainer` (plan,
+build, fit, summarize), :mod:`~harness.training.callbacks` (lr schedule, step timing, steps.csv, checkpoints,
+diagnostics), :mod:`~harness.training.optim` (parameter groups by role or by name, RWKV-LM's lr schedule) and
+:mod:`~harness.training.sync_free_clip` (DeepSpeed's clipping without host syncs). ``python -m harness.run`` is
+its CLI."""
