@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from impls import triton_autotune as autotune_cache
+from impls import triton_autotune
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _PACKAGES = ("torch", "lightning", "triton", "flash-linear-attention", "fla-core", "deepspeed",
@@ -82,7 +82,7 @@ def environment() -> dict[str, object]:
         "versions": package_versions(),
         "git": git_state(),
         "env_flags": behaviour_flags(os.environ),
-        "triton_autotune": autotune_cache.status(),
+        "triton_autotune": triton_autotune.status(),
     }
 
 

@@ -41,7 +41,7 @@ from harness.training.callbacks import (
     progress_bar,
 )
 from harness.training.optim import LRSchedule, describe_groups, param_groups
-from impls import triton_autotune as autotune_cache
+from impls import triton_autotune
 from impls.base import Implementation
 
 # Dense bf16 peak per GPU, for MFU (6 x non-embedding parameters per token).
@@ -386,7 +386,7 @@ def train(cfg: DictConfig) -> RunOutcome:
     if trainer.is_global_zero:
         deepspeed_config = getattr(trainer.strategy, "config", None)
         rd.update_run_json(status=status, final_step=final_step, throughput=summary,
-                           deepspeed_config=deepspeed_config, triton_autotune=autotune_cache.status())
+                           deepspeed_config=deepspeed_config, triton_autotune=triton_autotune.status())
     return RunOutcome(status, rd, final_step, summary)
 
 

@@ -27,7 +27,7 @@ RESERVE_S=${RESERVE_S:-$([[ " ${parts[*]} " == *" tests "* ]] && echo 150 || ech
       grid)   timeout "$(within 40)" python3 -m harness.bench kernels budget_s="$(within "$RESERVE_S")" resume=true \
                 out="$OUT" figures="$OUT" \
                 || python3 -m harness.bench kernels --plot-only out="$OUT" figures="$OUT" ;;  # partial CSV
-      parity) timeout "$(( PARITY_S < $(within 10) ? PARITY_S : $(within 10) ))" python3 -m harness.parity impl_a=fla impl_b=rwkv_jit out="$OUT" ;;
+      parity) timeout "$(( PARITY_S < $(within 10) ? PARITY_S : $(within 10) ))" python3 -m harness.bench parity impl_a=fla impl_b=rwkv_jit out="$OUT" ;;
       tests)  timeout "$(within 5)" python3 -m pytest -q -s -m gpu -p no:cacheprovider \
                 tests/test_bench_kernels.py tests/test_parity.py tests/test_fla.py ;;
       *)      echo "unknown part '$part' (grid, parity, tests)" ;;

@@ -21,7 +21,7 @@ if compgen -G ".device/triton-cache.tar.xz.part-*" > /dev/null && [ -z "$(ls -A 
   cat .device/triton-cache.tar.xz.part-* | tar xJf - -C "$TRITON_CACHE_DIR"
 fi
 # Into $OUT at the end of every device script: the autotune choices this machine made (results/autotune/*.json,
-# harness/autotune_cache.py; commit them), and with SAVE_TRITON_CACHE=1 the whole Triton cache in parts under the
+# impls/triton_autotune.py; commit them), and with SAVE_TRITON_CACHE=1 the whole Triton cache in parts under the
 # 16 MiB file limit (copy them to .device/ here).
 return_device_records() {
   cp results/autotune/*.json "$OUT/" 2>/dev/null
