@@ -290,7 +290,9 @@ class SyncCounter(_StepWindow):
 
 
 class Checkpointer(Callback):
-    """Checkpoints (weights + optimizer + loop state) every ``every`` steps and when Ctrl-C is pressed.
+    """Checkpoints (weights + optimizer + loop state) every ``every`` steps, after the last step (so a completed run
+    keeps its final weights for ``python -m harness.convert``, whether or not ``every`` divides max_steps) and when
+    Ctrl-C is pressed; ``every`` = 0 checkpoints on Ctrl-C only.
 
     The first Ctrl-C finishes the current step, checkpoints and stops; a second one interrupts at once.
     ``last.json`` is written only after a checkpoint is complete, so a crash mid-save keeps the previous one.
@@ -312,7 +314,7 @@ class Checkpointer(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        due = self.interrupted or (self.every > 0 and step % self.every == 0)
+        due = self.interrupted or (self.every > 0 and (step % self.every == 0 or step >= trainer.max_steps))
         if due and math.isfinite(float(pl_module.last_loss)):
             with self.clock.excluded():
                 self.save(trainer, step)
