@@ -11,7 +11,7 @@ from fla_support import FLA, needs_fla
 from safetensors.torch import load_file, save_file
 
 import impls
-from harness.convert.convert import main
+from harness.convert.cli import main
 from harness.model.checkpoint import CheckpointError, load_checkpoint, load_model_state, save_model
 from harness.model.init import apply_init, rwkv_lm_state_dict
 from harness.model.rwkv import RWKV, ModelConfig

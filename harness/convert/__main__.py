@@ -1,5 +1,5 @@
 import sys
 
-from harness.convert.convert import main
+from harness.convert.cli import main
 
 sys.exit(main())
