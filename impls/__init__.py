@@ -10,12 +10,14 @@ import importlib
 
 from impls.base import Implementation, ImplementationError
 
-# impl name -> (module, attribute holding the Implementation, what to install if the import fails)
+# impl name -> (module, attribute holding the Implementation, what to install if the import fails); an empty
+# attribute: the implementation only exists for given options (make_implementation; rwkv_lm needs a path)
 _REGISTRY: dict[str, tuple[str, str, str]] = {
     "reference": ("impls.reference", "REFERENCE", "pip install -e ."),
     "rwkv": ("impls.rwkv", "RWKV_EAGER", "pip install -e .  (and a CUDA toolchain)"),
     "rwkv_jit": ("impls.rwkv", "RWKV_JIT", "pip install -e .  (and a CUDA toolchain)"),
     "fla": ("impls.fla", "FLA", "pip install -e '.[gpu]'  (flash-linear-attention, fla-core, triton)"),
+    "rwkv_lm": ("impls.rwkv_lm", "", "pip install -e .  (and a CUDA toolchain for your checkout's kernels)"),
 }
 
 
@@ -42,7 +44,7 @@ def get(name: str, **options: object) -> Implementation:
             f"impl {name!r} needs the Python module {exc.name!r}, which is not installed; "
             f"install it with: {install_hint}"
         ) from None
-    if options:
+    if options or not attribute:
         factory = getattr(module, "make_implementation", None)
         if factory is None:
             raise ImplementationError(f"impl {name!r} takes no options, got {', '.join(options)}")

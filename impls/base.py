@@ -102,3 +102,6 @@ class Implementation:
     kernel_dtype: torch.dtype | None = None  # None: any floating dtype
     description: str = ""
     flags: dict[str, object] = field(default_factory=dict)  # recorded in run.json (e.g. jit)
+    # (logits, targets) -> the training loss, for an implementation that brings its own (a checkout's fused L2Wrap
+    # cross-entropy); None: the harness's cross-entropy with L2Wrap (harness.model.rwkv.lm_loss)
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None

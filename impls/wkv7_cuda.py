@@ -52,7 +52,7 @@ def lock_timeout_s() -> float:
 
 
 @contextlib.contextmanager
-def build_lock(directory: Path, timeout_s: float) -> Iterator[None]:
+def build_lock(directory: Path, timeout_s: float, what: str = "the wkv7 CUDA extension") -> Iterator[None]:
     """Serialise builds in ``directory`` across processes without ever waiting forever.
 
     Our lock is an flock, which the OS drops when its holder dies, so it cannot go stale. While we hold it, torch's
@@ -68,7 +68,7 @@ def build_lock(directory: Path, timeout_s: float) -> Iterator[None]:
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     raise BuildLockError(
-                        f"another process has been building the wkv7 CUDA extension in {directory} for over "
+                        f"another process has been building {what} in {directory} for over "
                         f"{timeout_s:.0f} s; wait for it, or raise {LOCK_TIMEOUT_ENV}") from None
                 time.sleep(0.2)
         _wait_for_torch_lock(directory / "lock", timeout_s)

@@ -75,8 +75,12 @@ class L2Wrap(torch.autograd.Function):
         return grad_output, glogits
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over all B*T positions, with RWKV-LM's L2Wrap on the logits."""
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, impl: Implementation | None = None) -> torch.Tensor:
+    """Mean cross-entropy over all B*T positions, with RWKV-LM's L2Wrap on the logits; an ``impl`` with a loss of its
+    own (``impl.loss``, e.g. an RWKV-LM checkout's fused L2Wrap cross-entropy) computes it instead, as its train.py
+    would."""
+    if impl is not None and impl.loss is not None:
+        return impl.loss(logits, targets)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
     return L2Wrap.apply(loss, logits)
 
