@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ FIELDS = ("timestamp", "impl", "bsz", "ctx", "n_layer", "n_embd", "vocab", "kt_p
 @dataclass(frozen=True)
 class StepConfig:
     impl: str = "rwkv"
+    impl_options: dict[str, object] = field(default_factory=dict)  # e.g. path= for impl=rwkv_lm
     bsz: int = 48
     ctx: int = 512
     n_layer: int = 12
@@ -55,7 +56,7 @@ def build(cfg: StepConfig) -> tuple[nn.Module, torch.optim.Optimizer, torch.Tens
     torch.manual_seed(cfg.seed)
     model_cfg = ModelConfig(n_layer=cfg.n_layer, n_embd=cfg.n_embd, head_size=cfg.head_size,
                             vocab_size=cfg.vocab, ctx_len=cfg.ctx)
-    model = RWKV(impls.get(cfg.impl), model_cfg).to(device=cfg.device, dtype=torch.bfloat16)
+    model = RWKV(impls.get(cfg.impl, **cfg.impl_options), model_cfg).to(device=cfg.device, dtype=torch.bfloat16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-18, weight_decay=0.0,
                                   fused=cfg.device.startswith("cuda"))
     tokens = torch.randint(0, cfg.vocab, (cfg.bsz, cfg.ctx + 1), device=cfg.device)
@@ -65,7 +66,7 @@ def build(cfg: StepConfig) -> tuple[nn.Module, torch.optim.Optimizer, torch.Tens
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, idx: torch.Tensor,
                targets: torch.Tensor) -> torch.Tensor:
     """Forward, backward, clip to norm 1.0, AdamW step; returns the (detached) loss without synchronising."""
-    loss = lm_loss(model(idx), targets)
+    loss = lm_loss(model(idx), targets, model.impl)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
@@ -89,7 +90,7 @@ def measure(cfg: StepConfig) -> dict[str, object]:
     wall = time.perf_counter() - start
     impl = model.impl
     return {
-        "impl": cfg.impl, "bsz": cfg.bsz, "ctx": cfg.ctx, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd,
+        "impl": impl.name, "bsz": cfg.bsz, "ctx": cfg.ctx, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd,
         "vocab": cfg.vocab,
         "kt_per_s": round(cfg.bsz * cfg.ctx * cfg.steps / wall / 1000, 2),
         "step_ms": round(wall / cfg.steps * 1000, 2),

@@ -288,7 +288,7 @@ class LitRWKV(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        loss = lm_loss(self.model(x), y)
+        loss = lm_loss(self.model(x), y, self.model.impl)
         self.last_loss = loss.detach().float()
         if self.trainer.world_size > 1:
             self.last_loss = self.all_gather(self.last_loss).mean()
