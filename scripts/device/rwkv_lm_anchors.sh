@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# On the device: the bare training step (harness.bench step, results/bench/step.csv) of two RWKV-LM checkouts run
+# through impl=rwkv_lm -- HEAD (RWKV_KERNEL=@rwkv3, JIT on: all its fused kernels and its fused loss) and dc6c3ec
+# (the published comparison's baseline, JIT on) -- and of this project's rwkv_jit and fla, at the same batch sizes,
+# one process per row, in one call. The checkouts are exported here (ignored by git, see .git/info/exclude):
+#   mkdir -p .upstream/head .upstream/dc6c3ec
+#   git -C <RWKV-LM> archive --prefix=RWKV-v7/train_temp/ HEAD:RWKV-v7/train_temp | tar x -C .upstream/head
+#   git -C <RWKV-LM> archive --prefix=RWKV-v7/train_temp/ dc6c3ec:RWKV-v7/train_temp | tar x -C .upstream/dc6c3ec
+# and carried: carry [".whl", ".device", ".upstream"].
+#   RWKV_GIT_COMMIT=<sha> RWKV_GIT_DIRTY=0 bash scripts/device/rwkv_lm_anchors.sh
+# HEAD_LABEL names HEAD's rows (rwkv_lm-<label>; its export carries no commit), BATCHES the batch sizes. HEAD builds
+# its eight extensions on a thread pool at the first import (about 75 s), dc6c3ec its one; later rows reuse them.
+# Back under $OUT: step.csv and step.jsonl (the committed files plus the new rows: copy them over results/bench/),
+# one log per row, and the autotune choices (results/autotune/*.json).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+source scripts/device/setup.sh
+HEAD_LABEL=${HEAD_LABEL:-head-524481d}; BATCHES=${BATCHES:-48 16}
+BUDGET_S=${BUDGET_S:-570}; STEP_TIMEOUT_S=${STEP_TIMEOUT_S:-240}  # the call's limit, and one row's
+arm_args() {  # arm_args ARM: the step bench's arguments of that arm, into ARGS
+  local checkout="+impl_options.path=.upstream/$1/RWKV-v7/train_temp"
+  case $1 in
+    head) ARGS=(impl=rwkv_lm "$checkout" +impl_options.kernel=@rwkv3 +impl_options.jit=true
+                "+impl_options.label=$HEAD_LABEL") ;;
+    dc6c3ec) ARGS=(impl=rwkv_lm "$checkout" "+impl_options.kernel=''" +impl_options.jit=true  # reads no RWKV_KERNEL
+                   +impl_options.label=dc6c3ec) ;;
+    *) ARGS=("impl=$1") ;;
+  esac
+}
+for folder in head dc6c3ec; do
+  [ -f ".upstream/$folder/RWKV-v7/train_temp/src/model.py" ] || echo "=== missing .upstream/$folder (see the header)"
+done
+start_all=$(date +%s)
+for bsz in $BATCHES; do
+  for arm in head dc6c3ec rwkv_jit fla; do
+    left=$(( BUDGET_S - ($(date +%s) - start_all) ))
+    if [ "$left" -lt 45 ]; then echo "=== $arm bsz=$bsz: skipped, ${left} s of the call left"; continue; fi
+    start=$(date +%s)
+    log="$OUT/step-$arm-bsz$bsz.log"
+    arm_args "$arm"
+    timeout $(( left < STEP_TIMEOUT_S ? left : STEP_TIMEOUT_S )) python3 -m harness.bench step "${ARGS[@]}" \
+      bsz="$bsz" > "$log" 2>&1
+    echo "=== $arm bsz=$bsz: exit $?, $(( $(date +%s) - start )) s: $(grep -E 'kt/s|^error' "$log" | tail -1)"
+    cp results/bench/step.csv results/bench/step.jsonl "$OUT/"  # after each row: a later timeout keeps these
+  done
+done
+return_device_records
