@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import impls
 from harness.model.rwkv import canonical_key, native_key
-from impls.base import NameMap, Transform
+from impls.base import IDENTITY_NAME_MAP, NameMap, Transform
 from impls.fla_names import FLA_ATT_NAME_MAP
 
 # FLA RWKV7ForCausalLM names outside the time-mix.
@@ -80,6 +80,11 @@ def harness_naming(name_map: NameMap) -> Naming:
     return Naming(lambda c: native_key(c, name_map), lambda n: canonical_key(n, name_map))
 
 
+# Name maps known without building the implementation: fla's needs FLA installed, rwkv_lm's a user's checkout (its
+# modules carry RWKV-LM's own names).
+_NAME_MAPS_WITHOUT_IMPORT = {"fla": FLA_ATT_NAME_MAP, "rwkv_lm": IDENTITY_NAME_MAP}
+
+
 def impl_name_map(impl: str) -> NameMap:
-    """An implementation's name map; fla's is known here, so converting its checkpoints needs no fla install."""
-    return FLA_ATT_NAME_MAP if impl == "fla" else impls.get(impl).name_map
+    """An implementation's name map; converting fla or rwkv_lm checkpoints needs neither FLA nor a checkout."""
+    return _NAME_MAPS_WITHOUT_IMPORT[impl] if impl in _NAME_MAPS_WITHOUT_IMPORT else impls.get(impl).name_map
