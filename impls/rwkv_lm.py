@@ -25,6 +25,7 @@ import operator
 import os
 import subprocess
 import sys
+import traceback
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -400,6 +401,13 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else ""
 
 
+def _failure(exc: BaseException, source: Path) -> str:
+    """``Type: first line`` of ``exc``, and where in ``source`` it was raised (a bare ``assert`` says nothing else)."""
+    frames = [frame for frame in traceback.extract_tb(exc.__traceback__) if Path(frame.filename) == source]
+    where = f" at {source.name} line {frames[-1].lineno}: {frames[-1].line}" if frames else ""
+    return f"{type(exc).__name__}{where}: {_first_line(exc)}".rstrip(": ")
+
+
 @contextlib.contextmanager
 def inside_checkout(folder: Path, environ: Mapping[str, str]) -> Iterator[None]:
     """Working directory ``folder`` and the variables ``environ`` set, both as they were afterwards."""
@@ -454,7 +462,7 @@ def _execute(model_py: Path, name: str) -> ModuleType:
                                   "(RWKV-LM's train_temp imports pytorch_lightning and deepspeed)") from None
     except Exception as exc:  # noqa: BLE001 - a build failure or any error of the user's code: one line for the user
         sys.modules.pop(name, None)
-        raise ImplementationError(f"importing {model_py} failed: {type(exc).__name__}: {_first_line(exc)}") from None
+        raise ImplementationError(f"importing {model_py} failed: {_failure(exc, model_py)}") from None
     return module
 
 
@@ -473,8 +481,8 @@ def _construct(cls: type, args: SimpleNamespace, layer_id: int, names: frozenset
     try:
         module = cls(args, layer_id)
     except Exception as exc:  # noqa: BLE001 - the user's code: one line, naming what the harness passed
-        raise ImplementationError(f"{where} failed: {type(exc).__name__}: {_first_line(exc)} (args holds "
-                                  f"{', '.join(vars(args))})") from None
+        failure = _failure(exc, Path(sys.modules[cls.__module__].__file__))
+        raise ImplementationError(f"{where} failed: {failure} (args holds {', '.join(vars(args))})") from None
     held = {name for name, _ in module.named_parameters()}
     if held != names:
         missing, extra = sorted(names - held), sorted(held - names)

@@ -110,7 +110,9 @@ CMIX = "class RWKV_CMix_x070:\n    pass\n"
     (CPU + TMIX + CMIX + "import module_the_checkout_needs\n", True,
      "needs the Python module 'module_the_checkout_needs'"),
     (CPU + TMIX + CMIX + "raise RuntimeError('Error building extension wkv\\nninja: build stopped')\n", True,
-     "failed: RuntimeError: Error building extension wkv"),
+     "failed: RuntimeError at model.py line 6: raise RuntimeError("),
+    (CPU + "HEAD_SIZE = 32\nassert HEAD_SIZE == 64\n" + TMIX + CMIX, True,
+     "failed: AssertionError at model.py line 3: assert HEAD_SIZE == 64"),
     (CPU + CMIX + "class RWKV_Tmix_x070(__import__('torch').nn.Module):\n    def __init__(self, args, layer_id):\n"
      "        super().__init__()\n", True, "does not hold RWKV-LM's parameters: missing ['a0', 'a1',"),
 ])
