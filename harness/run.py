@@ -10,30 +10,24 @@ Examples::
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import hydra
+from hydra._internal.utils import get_args_parser
 from omegaconf import DictConfig
 
-from harness.errors import HarnessError, exit_on_user_error
+from harness.config import CONF_DIR, check_overrides
+from harness.errors import exit_on_user_error
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
-def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
-    """Fail with one line on ``group=option`` naming an option that does not exist (before Hydra's own report)."""
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        group = key.lstrip("+~")
-        if not sep or "." in group or not (conf_dir / group).is_dir():
-            continue
-        options = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
-        for choice in value.split(","):
-            if choice not in options:
-                raise HarnessError(f"unknown {group} {choice!r}; choose one of: {', '.join(options)}")
+CONFIG_NAME = "config"
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def check_command_line(argv: list[str]) -> None:
+    """One line for a bad key, value or group option before Hydra starts (each value of a ``-m`` sweep)."""
+    args = get_args_parser().parse_args(argv)  # Hydra's own parser: the same flags and overrides as @hydra.main
+    check_overrides(args.config_name or CONFIG_NAME, args.overrides, multirun=args.multirun)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name=CONFIG_NAME, version_base="1.3")
 def _main(cfg: DictConfig) -> None:
     from harness.training.trainer import train
 
@@ -53,7 +47,7 @@ def _main(cfg: DictConfig) -> None:
 
 def main() -> None:
     with exit_on_user_error():
-        check_group_choices(sys.argv[1:])
+        check_command_line(sys.argv[1:])
     _main()
 
 

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.bench.cli import main
+from harness.bench.cli import bench_config, main
 from harness.bench.step import FIELDS, StepConfig
-from harness.config import parse_overrides
 from harness.errors import HarnessError
 from harness.profiling import kernel_report
 
@@ -19,14 +18,14 @@ TINY = ["impl=reference", "bsz=2", "ctx=16", "n_layer=2", "n_embd=64", "vocab=97
 
 
 def test_overrides_are_typed_and_default_to_the_anchor_setup() -> None:
-    cfg = parse_overrides(["impl=rwkv_jit", "bsz=16", "lr=0.001"], StepConfig())
+    cfg = bench_config("step", ["impl=rwkv_jit", "bsz=16", "lr=0.001"], StepConfig)
     assert (cfg.impl, cfg.bsz, cfg.lr) == ("rwkv_jit", 16, 0.001)
     assert (cfg.ctx, cfg.n_layer, cfg.n_embd, cfg.vocab, cfg.warmup, cfg.steps) == (512, 12, 768, 65536, 8, 30)
 
 
 def test_unknown_override_is_refused() -> None:
     with pytest.raises(HarnessError, match="batch"):
-        parse_overrides(["batch=4"], StepConfig())
+        bench_config("step", ["batch=4"], StepConfig)
 
 
 def test_smoke_run_appends_tidy_rows_with_environment(tmp_path: Path) -> None:

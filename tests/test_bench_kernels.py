@@ -13,16 +13,17 @@ from cli_support import assert_one_line_user_error
 
 from harness.bench import wkv_op as bk
 from harness.bench import wkv_op_report
-from harness.bench.cli import main
+from harness.bench.cli import bench_config, main
 from impls.reference import W_SCALE, log_decay, wkv7_reference
 
 TINY = ["kernels=reference", "T=16,32,2048", "B=1,2", "H=2", "N=16", "device=cpu"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+QUICK = bench_config("kernels_quick", [], bk.KernelBenchConfig)  # --quick
 
 
 def run_cli(tmp_path: Path, *words: str) -> pd.DataFrame:
     main(["kernels", *words, f"out={tmp_path}", f"figures={tmp_path}"])
-    name = bk.QUICK.name if "--quick" in words else bk.KernelBenchConfig().name
+    name = QUICK.name if "--quick" in words else bk.KernelBenchConfig().name
     return wkv_op_report.read_csv(tmp_path / f"{name}.csv")
 
 
@@ -121,9 +122,7 @@ def test_log_decay_kernels_are_scored_on_the_raw_logit() -> None:
 
 
 def test_quick_grid_and_overrides() -> None:
-    from harness.config import parse_overrides
-
-    cfg = parse_overrides(["T=64,128", "kernels=cuda,fla_chunk", "max_call_s=0.5"], bk.QUICK)
+    cfg = bench_config("kernels_quick", ["T=64,128", "kernels=cuda,fla_chunk", "max_call_s=0.5"], bk.KernelBenchConfig)
     assert (cfg.T, cfg.B, cfg.H, cfg.kernels, cfg.max_call_s, cfg.name) == (
         (64, 128), (2,), (4,), ("cuda", "fla_chunk"), 0.5, "kernels_quick")
     default = bk.KernelBenchConfig()
@@ -209,7 +208,7 @@ def test_resume_never_keeps_rows_of_another_gpu(tmp_path: Path) -> None:
 
 def test_quick_grid_writes_its_own_files_beside_the_full_grid(tmp_path: Path) -> None:
     frame = run_cli(tmp_path, "--quick", "kernels=reference", "T=16", "N=16", "device=cpu")
-    assert set(frame["T"]) == {16} and set(frame["B"]) == set(bk.QUICK.B) and set(frame["H"]) == set(bk.QUICK.H)
+    assert set(frame["T"]) == {16} and set(frame["B"]) == set(QUICK.B) and set(frame["H"]) == set(QUICK.H)
     assert not (tmp_path / "kernels.csv").exists()
     assert (tmp_path / "kernels_quick.png").read_bytes().startswith(PNG_MAGIC)
 

@@ -1,16 +1,25 @@
-"""``python -m harness.bench {step,kernels,inference,parity} [key=value ...]``: one command line for every benchmark."""
+"""``python -m harness.bench {step,kernels,inference,parity} [key=value ...]``: one command line for every benchmark.
+
+Each command's keys and defaults are ``conf/bench/<command>.yaml``; the ``key=value`` words are Hydra overrides,
+checked before anything runs (:mod:`harness.config`), and lists also take ``T=256,1024`` and ``kernels=reference``."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
+from typing import TypeVar
 
 from harness.bench import decoding, decoding_report, parity, step, wkv_op, wkv_op_report
 from harness.bench.grid import with_environment
-from harness.config import parse_overrides
+from harness.config import BENCH_CONF_DIR, compose_config, dataclass_from
 from harness.env import environment
-from harness.errors import exit_on_user_error
+from harness.errors import HarnessError, exit_on_user_error
+from harness.model.rwkv import ModelConfig
+
+Config = TypeVar("Config")
+# Commands that build an RWKV model -> the sizes of their config that must be at least 1, besides the model's.
+MODEL_SIZES = {"step": ("bsz", "ctx", "steps", "profile_steps"), "parity": ("T", "B"), "inference": ()}
+
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,10 +28,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="step: whole training step; kernels: the WKV op alone (harness/bench/wkv_op.py); "
                              "inference: decoding vs context length (harness/bench/decoding.py); "
                              "parity: two impls layer by layer vs the fp64 reference (harness/bench/parity.py)")
-    parser.add_argument("overrides", nargs="*", help="key=value; step keys: " + ", ".join(
-        f.name for f in dataclasses.fields(step.StepConfig)) + "; kernels keys: see harness/bench/wkv_op.py")
+    parser.add_argument("overrides", nargs="*", help="key=value (Hydra overrides) of conf/bench/<command>.yaml; "
+                                                     "lists as T=256,1024 or T=[256,1024]")
     parser.add_argument("--profile", action="store_true", help="step: print the top CUDA kernels instead of timing")
-    parser.add_argument("--quick", action="store_true", help="kernels: a tiny grid for smoke tests")
+    parser.add_argument("--quick", action="store_true",
+                        help="kernels: a tiny grid for smoke tests (conf/bench/kernels_quick.yaml)")
     parser.add_argument("--count-ops", action="store_true",
                         help="inference: operators per decode step of each model (inference_ops.csv), no timing")
     parser.add_argument("--plot-only", action="store_true",
@@ -42,7 +52,7 @@ def run_command(args: argparse.Namespace) -> None:
     if args.command == "parity":
         parity_command(args.overrides)
         return
-    cfg = parse_overrides(args.overrides, step.StepConfig())
+    cfg = bench_config("step", args.overrides, step.StepConfig)
     out_dir = Path(cfg.out)
     if args.profile:
         report = step.profile(cfg)
@@ -56,9 +66,30 @@ def run_command(args: argparse.Namespace) -> None:
           f"peak {row['peak_mem_gib']} GiB on {row['gpu']} -> {path}")
 
 
+def bench_config(name: str, overrides: list[str], cls: type[Config]) -> Config:
+    """``conf/bench/<name>.yaml`` with the checked overrides, as the benchmark's config dataclass ``cls``; one line
+    for a model shape that could not be built."""
+    cfg = dataclass_from(cls, compose_config(name, overrides, conf_dir=BENCH_CONF_DIR))
+    if name in MODEL_SIZES:
+        check_model_shape(cfg, MODEL_SIZES[name])
+    return cfg
+
+
+def check_model_shape(cfg: step.StepConfig | parity.ParityConfig | decoding.InferenceConfig,
+                      sizes: tuple[str, ...]) -> None:
+    """One line, before any model is built, for a shape :class:`ModelConfig` refuses or a size below 1."""
+    for name in ("n_embd", "head_size", "vocab", *sizes):
+        if getattr(cfg, name) < 1:
+            raise HarnessError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    try:
+        ModelConfig(n_layer=cfg.n_layer, n_embd=cfg.n_embd, head_size=cfg.head_size, vocab_size=cfg.vocab)
+    except ValueError as exc:
+        raise HarnessError(str(exc)) from None
+
+
 def kernels_command(overrides: list[str], quick: bool = False, plot_only: bool = False) -> None:
     """The WKV-op grid into ``<name>.csv``, then its tables and figure."""
-    cfg = parse_overrides(overrides, wkv_op.QUICK if quick else wkv_op.KernelBenchConfig())
+    cfg = bench_config("kernels_quick" if quick else "kernels", overrides, wkv_op.KernelBenchConfig)
     csv_path = Path(cfg.out) / f"{cfg.name}.csv"
     if not plot_only:
         wkv_op.run_grid(cfg, csv_path)
@@ -72,7 +103,7 @@ def kernels_command(overrides: list[str], quick: bool = False, plot_only: bool =
 
 def inference_command(overrides: list[str], plot_only: bool = False, count_ops: bool = False) -> None:
     """Decoding vs context: the grid into ``inference.csv`` and its figures, or the operator count."""
-    cfg = parse_overrides(overrides, decoding.InferenceConfig())
+    cfg = bench_config("inference", overrides, decoding.InferenceConfig)
     if count_ops:
         decoding.validate(cfg)
         path = Path(cfg.out) / "inference_ops.csv"
@@ -90,7 +121,7 @@ def inference_command(overrides: list[str], plot_only: bool = False, count_ops: 
 
 def parity_command(overrides: list[str]) -> None:
     """Two implementations and the fp64 reference on shared weights: the per-layer table, its markdown and figure."""
-    cfg = parse_overrides(overrides, parity.ParityConfig())
+    cfg = bench_config("parity", overrides, parity.ParityConfig)
     table, selected = parity.run_parity(cfg)
     table = parity.with_context(table, cfg, selected, parity.resolve_device(cfg.device))
     paths = parity.write_outputs(table, selected, Path(cfg.out))

@@ -243,9 +243,6 @@ class KernelBenchConfig:
     name: str = "kernels"
 
 
-QUICK = KernelBenchConfig(T=(256, 1024), B=(2,), H=(4,), acc_T=1024, name="kernels_quick")
-
-
 def validate(cfg: KernelBenchConfig) -> list[Kernel]:
     """The selected kernels; one-line errors for names, modes, shapes and devices that cannot work."""
     unknown = [k for k in cfg.kernels if k not in KERNELS]
