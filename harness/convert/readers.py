@@ -170,8 +170,8 @@ def read_run(path: Path) -> Source:
     extra = {"step": int(step[1])} if step else {}
     dtypes = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in state.values()}))
     note = f"read {checkpoint_path.name} of run {run.path.name} (impl {impl}, {kind}, {dtypes})"
-    return _to_hub(harness_naming(impl_name_map(impl)), state, checkpoint=Checkpoint(state, impl, model_cfg, flags,
-                   extra), notes=(note,))
+    checkpoint = Checkpoint(state, impl, model_cfg, flags, extra)
+    return _to_hub(harness_naming(impl_name_map(impl)), state, checkpoint=checkpoint, notes=(note,))
 
 
 READERS: dict[str, Callable[[Path], Source]] = {"rwkv-lm": read_rwkv_lm, "fla": read_fla, "harness": read_harness,
