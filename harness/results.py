@@ -1,7 +1,8 @@
 """Run results on disk: ``results/<experiment>/<run_id>/{run.json, steps.csv, checkpoints/}``.
 
 ``steps.csv`` has one row per optimizer step, flushed as it is written, so a crash loses nothing already logged.
-``run.json`` holds the resolved config, the environment and, at the end, the throughput summary.
+``run.json`` holds the resolved config, the environment and, at the end, the throughput summary. A run replaced by
+``overwrite=true`` is moved, whole, to ``results/<experiment>/replaced/<run_id>.<time>/`` (out of the report's reach).
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ import json
 import math
 import os
 import statistics
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from harness.errors import HarnessError
 
 # tokens: cumulative tokens trained at the end of the step (global, all ranks).
 # checkpoint_s: time spent writing a checkpoint after the step, left out of step_time_s (empty in older logs).
@@ -56,7 +60,7 @@ class RunDir:
         return self.checkpoint_dir / "last.json"
 
     def read_run_json(self) -> dict:
-        return json.loads(self.run_json.read_text()) if self.run_json.exists() else {}
+        return _read_json(self.run_json) if self.run_json.exists() else {}
 
     def update_run_json(self, **fields: object) -> None:
         write_json_atomic(self.run_json, {**self.read_run_json(), **fields})
@@ -65,33 +69,102 @@ class RunDir:
         """(global step, path) of the last complete checkpoint, or None."""
         if not self.last_checkpoint_record.exists():
             return None
-        record = json.loads(self.last_checkpoint_record.read_text())
+        record = _read_json(self.last_checkpoint_record)
         return int(record["step"]), self.checkpoint_dir / record["path"]
 
     def record_checkpoint(self, step: int, path: Path) -> None:
         write_json_atomic(self.last_checkpoint_record, {"step": step, "path": path.name})
 
+    def has_results(self) -> bool:
+        """Whether the directory holds anything of a run (more than its lock file)."""
+        return self.run_json.exists() or self.steps_csv.exists() or self.checkpoint_dir.exists()
+
+    def aside_path(self) -> Path:
+        """Where ``overwrite=true`` moves this run: ``<experiment>/replaced/<run_id>.<time>``, a free name."""
+        stem = self.path.parent / "replaced" / f"{self.path.name}.{time.strftime('%Y%m%d-%H%M%S')}"
+        candidates = (stem.with_name(f"{stem.name}{f'-{n}' if n else ''}") for n in range(1000))
+        return next(path for path in candidates if not path.exists())
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise HarnessError(f"{path} is unreadable ({type(exc).__name__}: {exc}); move it away to start again, or "
+                           f"pass overwrite=true (the run is then kept under replaced/)") from None
+
 
 class StepLog:
-    """Appends rows to steps.csv and flushes each one. On resume, rows at or past ``start_step`` are dropped first
-    (they are recomputed identically), so the log has no duplicated or missing steps."""
+    """Appends rows to steps.csv and flushes each one. On resume, the rows before ``start_step`` are kept and the
+    rest dropped (they are recomputed identically), so the log has no duplicated or missing steps.
+
+    The log is checked when the StepLog is made (an unreadable one, or one lacking a step the checkpoint holds, is a
+    one-line HarnessError) and rewritten only when the first row comes: the kept rows go to a temporary file, fsynced,
+    that replaces the log in one rename, so a crash at any moment leaves the old log or the new one, never a
+    truncated one."""
 
     def __init__(self, path: Path, start_step: int = 0):
         self.path = path
-        kept = [row for row in read_steps(path) if int(row["step"]) < start_step] if path.exists() else []
-        self._file = path.open("w", newline="")
-        self._writer = csv.DictWriter(self._file, fieldnames=STEP_COLUMNS)
-        self._writer.writeheader()
-        for row in kept:
-            self._writer.writerow(row)
-        self._file.flush()
+        self._kept = kept_steps(path, start_step)
+        self._file = None
 
     def append(self, row: dict) -> None:
+        if self._file is None:
+            self._start()
         self._writer.writerow({k: row[k] for k in STEP_COLUMNS})
         self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+
+    def _start(self) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=STEP_COLUMNS)
+            writer.writeheader()
+            writer.writerows(self._kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self._file = self.path.open("a", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=STEP_COLUMNS)
+
+
+def kept_steps(path: Path, start_step: int) -> list[dict]:
+    """The rows of steps 0 .. ``start_step`` - 1 of the log at ``path``; a HarnessError when it cannot give them."""
+    if start_step == 0:
+        return []
+
+    def refuse(problem: str) -> HarnessError:
+        return HarnessError(f"cannot resume from the checkpoint at step {start_step}: {path} {problem}; restore it, "
+                            f"or pass overwrite=true to start this run again (the old run is kept under replaced/)")
+
+    try:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = reader.fieldnames or []
+    except FileNotFoundError:
+        raise refuse("is missing") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise refuse(f"is unreadable ({type(exc).__name__}: {exc})") from None
+    if not columns:
+        raise refuse("is empty")
+    if "step" not in columns or not set(columns) <= set(STEP_COLUMNS):
+        raise refuse(f"has the columns {columns} instead of {list(STEP_COLUMNS)}")
+    kept = []
+    for line, row in enumerate(rows, start=2):
+        if None in row or None in row.values() or not row["step"].isdigit():
+            raise refuse(f"has a malformed line {line}")
+        if int(row["step"]) < start_step:
+            kept.append(row)
+    steps = [int(row["step"]) for row in kept]
+    if steps != list(range(start_step)):
+        missing = sorted(set(range(start_step)) - set(steps))
+        problem = f"lacks step {missing[0]}" if missing else "repeats or misorders steps"
+        raise refuse(f"{problem} of the {start_step} steps the checkpoint holds")
+    return kept
 
 
 def read_steps(path: Path) -> list[dict]:

@@ -166,7 +166,10 @@ class StepRecorder(Callback):
         start, end, resume = self.clock.close_step()
         self._ended.append(_EndedStep(trainer.global_step - 1, start, end, resume,
                                       self.clock.read_later(pl_module.last_loss), self.lr.lr))
-        row = self._write(keep=1)
+        # a checkpoint was written after this step (time cut out of it): write every row now, the write synchronized
+        # the device anyway, so the checkpoint is recorded (at the next step's start) with all its steps logged
+        checkpointed = resume is not end
+        row = self._write(keep=0 if checkpointed else 1)
         if row is not None:
             self.shown = {"loss": f"{row['loss']:.3f}", "kt/s": f"{row['kt_per_s']:.1f}"}
 
@@ -295,7 +298,9 @@ class Checkpointer(Callback):
     Ctrl-C is pressed; ``every`` = 0 checkpoints on Ctrl-C only.
 
     The first Ctrl-C finishes the current step, checkpoints and stops; a second one interrupts at once.
-    ``last.json`` is written only after a checkpoint is complete, so a crash mid-save keeps the previous one.
+    ``last.json`` is written only after a checkpoint is complete and the steps.csv rows of all its steps are written
+    (the recorder writes every row right after a step with a checkpoint write; ``last.json`` follows at the next
+    step's start or the run's end), so a crash at any moment keeps a checkpoint whose steps are all logged.
     A step whose loss is not finite is never checkpointed (the recorder stops the run right after it). Writing
     time is kept off the step clock; it runs before the recorder, so each step's row carries its own write time."""
 
@@ -303,9 +308,13 @@ class Checkpointer(Callback):
         self.run_dir, self.every, self.clock = run_dir, every, clock
         self.interrupted = False
         self._previous_handler = None
+        self._unrecorded: tuple[int, Path] | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._record(trainer)
 
     def _on_sigint(self, signum, frame) -> None:
         self.interrupted = True
@@ -322,17 +331,27 @@ class Checkpointer(Callback):
             trainer.should_stop = True
 
     def on_train_end(self, trainer, pl_module) -> None:
+        self._record(trainer)
         if self._previous_handler is not None:
             signal.signal(signal.SIGINT, self._previous_handler)
 
     def save(self, trainer: L.Trainer, step: int) -> None:
         path = self.run_dir.checkpoint_dir / f"step-{step}.ckpt"
         trainer.save_checkpoint(path)
+        self._unrecorded = (step, path)
+
+    def _record(self, trainer: L.Trainer) -> None:
+        """The last saved checkpoint becomes the one to resume from; every other one goes (a previous one, or one a
+        crash left unrecorded)."""
+        if self._unrecorded is None:
+            return
+        step, path = self._unrecorded
+        self._unrecorded = None
         if trainer.is_global_zero:
-            previous = self.run_dir.last_checkpoint()
             self.run_dir.record_checkpoint(step, path)
-            if previous is not None and previous[1] != path:
-                _remove(previous[1])
+            for stale in self.run_dir.checkpoint_dir.glob("step-*.ckpt"):
+                if stale != path:
+                    _remove(stale)
 
 
 def _remove(path: Path) -> None:

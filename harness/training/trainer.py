@@ -8,18 +8,21 @@ diagnostics) -> throughput summary into run.json. Rerunning the same command res
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
-import shutil
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 import impls
@@ -29,6 +32,7 @@ from harness.errors import HarnessError
 from harness.model.init import apply_init
 from harness.model.rwkv import RWKV, ModelConfig, count_parameters, lm_loss
 from harness.results import RunDir, StepLog, portable_path, read_steps, throughput_summary
+from harness.run_lock import RunLock
 from harness.training import sync_free_clip
 from harness.training.callbacks import (
     Checkpointer,
@@ -175,10 +179,19 @@ def _precision(requested: str, accelerator: str) -> str:
 # --- model, data and optimizer ----------------------------------------------------------------------
 
 
-def shared_init_file(cfg: DictConfig) -> Path:
-    """One init per (experiment, model, seed), reused by every implementation's run."""
-    name = f"{cfg.model.name}-seed{cfg.seed}.safetensors"
-    return Path(cfg.results_dir) / cfg.experiment / "init" / name
+def shared_init_key(model_cfg: ModelConfig, seed: int) -> dict[str, str]:
+    """Every value that shapes the shared init (the implementation does not: the init is converted into each)."""
+    values = {"n_layer": model_cfg.n_layer, "n_embd": model_cfg.n_embd, "head_size": model_cfg.head_size,
+              "vocab_size": model_cfg.vocab_size, "seed": seed}
+    return {name: str(value) for name, value in values.items()}
+
+
+def shared_init_file(cfg: DictConfig, model_cfg: ModelConfig) -> Path:
+    """One init per experiment and :func:`shared_init_key`, reused by every implementation's run: the name carries a
+    hash of the key, the file's metadata the key itself."""
+    key = shared_init_key(model_cfg, cfg.seed)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    return Path(cfg.results_dir) / cfg.experiment / "init" / f"{cfg.model.name}-seed{cfg.seed}-{digest}.safetensors"
 
 
 def build_model(cfg: DictConfig, plan: Plan) -> tuple[RWKV, dict]:
@@ -186,19 +199,35 @@ def build_model(cfg: DictConfig, plan: Plan) -> tuple[RWKV, dict]:
     torch.manual_seed(cfg.seed)
     model = RWKV(plan.impl, plan.model_cfg)
     mode = cfg.init.mode
-    if mode == "shared":
-        path = shared_init_file(cfg)
-        if not path.exists():
-            state = apply_init(model, mode, cfg.seed)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            save_file({k: v.to(torch.bfloat16).contiguous() for k, v in state.items()}, str(tmp))
-            tmp.replace(path)
-        else:
-            model.load_canonical_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
-        return model, {"mode": mode, "seed": cfg.seed, "file": portable_path(path), "sha256": _sha256(path)}
-    apply_init(model, mode, cfg.seed)
-    return model, {"mode": mode, "seed": cfg.seed}
+    if mode != "shared":
+        apply_init(model, mode, cfg.seed)
+        return model, {"mode": mode, "seed": cfg.seed}
+    key = shared_init_key(plan.model_cfg, cfg.seed)
+    path = shared_init_file(cfg, plan.model_cfg)
+    if path.exists():
+        model.load_canonical_state_dict(_load_shared_init(path, key))
+    else:
+        _save_shared_init(path, apply_init(model, mode, cfg.seed), key)
+    return model, {"mode": mode, "seed": cfg.seed, "key": key, "file": portable_path(path), "sha256": _sha256(path)}
+
+
+def _save_shared_init(path: Path, state: dict[str, torch.Tensor], key: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: runs of other impls may write it too
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in state.items()}, str(tmp), metadata=key)
+    os.replace(tmp, path)
+
+
+def _load_shared_init(path: Path, key: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The init at ``path``, only when its metadata names ``key``."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            stored = {name: (f.metadata() or {}).get(name) for name in key}
+            if stored != key:
+                raise HarnessError(f"{path} holds the init of {stored}, not of {key}; it is not loaded: move it away")
+            return {name: f.get_tensor(name).float() for name in f.keys()}  # noqa: SIM118 (safe_open has no iter)
+    except (OSError, SafetensorError) as exc:
+        raise HarnessError(f"{path} is unreadable ({exc}); move it away and the init is made again") from None
 
 
 def _sha256(path: Path) -> str:
@@ -331,13 +360,26 @@ def _config_differences(stored: dict, current: DictConfig) -> list[str]:
     return sorted(k for k in keys if old.get(k) != new.get(k))
 
 
+@contextmanager
+def owned_run_dir(rd: RunDir) -> Iterator[RunLock | None]:
+    """The run directory's lock, held by the launching rank zero for the whole run (the other ranks of a
+    multi-process run start inside it); None in those other ranks."""
+    if not _is_launching_rank_zero():
+        yield None
+        return
+    lock = RunLock(rd.path)
+    lock.acquire()
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
 def prepare_run_dir(cfg: DictConfig, plan: Plan) -> bool:
     """Check an existing run directory against this config; returns whether that run is already complete.
 
     Raises HarnessError when the directory holds a different run."""
     rd = plan.run_dir
-    if cfg.overwrite and rd.path.exists() and _is_launching_rank_zero():
-        shutil.rmtree(rd.path)
     stored = rd.read_run_json()
     if stored:
         differences = _config_differences(stored.get("config", {}), cfg)
@@ -348,23 +390,34 @@ def prepare_run_dir(cfg: DictConfig, plan: Plan) -> bool:
 
 
 def train(cfg: DictConfig) -> RunOutcome:
+    """Validate, take the run directory (one process at a time), then train or resume. ``overwrite=true`` moves an
+    existing run aside only once the new one is built and ready to start."""
     plan = plan_run(cfg)
+    with owned_run_dir(plan.run_dir) as lock:
+        return _train_owned(cfg, plan, lock)
+
+
+def _train_owned(cfg: DictConfig, plan: Plan, lock: RunLock | None) -> RunOutcome:
     rd = plan.run_dir
-    if prepare_run_dir(cfg, plan):
+    replacing = bool(cfg.overwrite) and lock is not None and rd.has_results()
+    if not replacing and prepare_run_dir(cfg, plan):
         stored = rd.read_run_json()
         return RunOutcome("already_complete", rd, stored.get("final_step", plan.max_steps),
                           stored.get("throughput", {}))
-    checkpoint = rd.last_checkpoint()
+    checkpoint = None if replacing else rd.last_checkpoint()
     resume_step, ckpt_path = checkpoint if checkpoint else (None, None)
     start_step = resume_step or 0
-    rd.path.mkdir(parents=True, exist_ok=True)
     setup_start = time.perf_counter()
     model, init_record = build_model(cfg, plan)
-    _record_start(cfg, plan, model, init_record, resume_step, install_sync_free_clip(plan))
+    clip_patched = install_sync_free_clip(plan)
 
     schedule = LRSchedule(cfg.optim.lr_init, cfg.optim.lr_final, cfg.optim.warmup_steps, plan.tokens_per_step,
                           cfg.optim.exit_tokens or plan.max_steps * plan.tokens_per_step)
     trainer, recorder, checkpointer, log = _make_trainer(cfg, plan, schedule, start_step)
+    moved_to = _move_old_run_aside(lock, rd) if replacing else None
+    _record_start(cfg, plan, model, init_record, resume_step, clip_patched)
+    if moved_to is not None:
+        rd.update_run_json(replaced_run={"moved_to": portable_path(moved_to), "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     lit = LitRWKV(model, cfg, plan, start_step)
     setup_s = time.perf_counter() - setup_start
     try:
@@ -388,6 +441,14 @@ def train(cfg: DictConfig) -> RunOutcome:
         rd.update_run_json(status=status, final_step=final_step, throughput=summary,
                            deepspeed_config=deepspeed_config, triton_autotune=triton_autotune.status())
     return RunOutcome(status, rd, final_step, summary)
+
+
+def _move_old_run_aside(lock: RunLock, rd: RunDir) -> Path:
+    """``overwrite=true``: the old run, whole, to ``<experiment>/replaced/`` (nothing of it is deleted)."""
+    destination = rd.aside_path()
+    lock.move_run_aside(destination)
+    print(f"overwrite=true: the previous run is kept in {portable_path(destination)}")
+    return destination
 
 
 def _make_trainer(cfg: DictConfig, plan: Plan, schedule: LRSchedule, start_step: int):
