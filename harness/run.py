@@ -29,6 +29,7 @@ def check_command_line(argv: list[str]) -> None:
 
 @hydra.main(config_path=str(CONF_DIR), config_name=CONFIG_NAME, version_base="1.3")
 def _main(cfg: DictConfig) -> None:
+    from harness.training.callbacks import format_throughput
     from harness.training.trainer import train
 
     with exit_on_user_error():
@@ -41,7 +42,7 @@ def _main(cfg: DictConfig) -> None:
         print(f"interrupted at step {outcome.final_step}; rerun the same command to resume: {where}")
         sys.exit(130)
     kt = outcome.summary.get("kt_per_s")
-    rate = f"{kt:.1f} kt/s over {outcome.summary['timed_steps']} timed steps" if kt else "no timed steps"
+    rate = f"{format_throughput(kt)} over {outcome.summary['timed_steps']} timed steps" if kt else "no timed steps"
     print(f"done: {outcome.final_step} steps, {rate}; results in {where}")
 
 

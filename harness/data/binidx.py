@@ -10,11 +10,13 @@ implementations see identical batches.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,7 @@ _READ_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 
 _WRITE_CODES = {np.dtype(t): code for code, t in _READ_DTYPES.items() if np.dtype(t).kind in "iu"}
 _GOLDEN = (math.sqrt(5) - 1) / 2  # float, as RWKV-LM computes it, so that phi matches its batches
 _MIN_COVERAGE = 0.9  # RWKV-LM asserts magic_prime / floor(tokens / ctx_len) > 0.9
+_SCAN_CHUNK = 1 << 24  # tokens per block of the id-range scan (32 MiB of uint16)
 
 
 class DataError(HarnessError):
@@ -119,7 +122,10 @@ class BinIdx:
         itemsize = self.dtype.itemsize
         if nbytes % itemsize:
             raise DataError(f"{self.bin_path} has {nbytes} bytes, not a whole number of {self.dtype} tokens")
-        needed = int(self.pointers[-1]) + int(self.sizes[-1]) * itemsize if len(self.sizes) else 0
+        if len(self.sizes) and (self.sizes.min() < 0 or self.pointers.min() < 0):
+            raise DataError(f"{self.idx_path} is corrupt: it has negative document sizes or offsets")
+        ends = self.pointers + self.sizes.astype(np.int64) * itemsize
+        needed = int(ends.max()) if len(ends) else 0
         if nbytes < needed:
             raise DataError(f"{self.bin_path} is truncated: its index needs {needed} bytes, the file has {nbytes}")
         return nbytes // itemsize
@@ -162,6 +168,82 @@ def _read_index(path: Path) -> tuple[np.dtype, np.ndarray, np.ndarray, np.ndarra
     pointers = np.frombuffer(raw, dtype="<i8", count=n, offset=_HEADER.size + 4 * n)
     doc_idx = np.frombuffer(raw, dtype="<i8", count=doc_count, offset=_HEADER.size + 12 * n)
     return np.dtype(_READ_DTYPES[code]), sizes, pointers, doc_idx
+
+
+def token_range(data: BinIdx) -> tuple[int, int]:
+    """The smallest and largest token id in ``data`` (0, -1 when it is empty). The scan reads the whole ``.bin``
+    once; its result is cached per file (see :func:`_range_cache_file`), so later runs on it read nothing."""
+    cache = _range_cache_file(data.bin_path)
+    stamp = _file_stamp(data.bin_path)
+    cached = _read_cached_range(cache, stamp)
+    if cached is not None:
+        return cached
+    low, high = _scan_range(data.tokens)
+    with suppress(OSError):  # an unwritable cache only costs the next run the scan again
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_name(f"{cache.name}.{os.getpid()}.partial")
+        partial.write_text(json.dumps({**stamp, "min": low, "max": high}))
+        os.replace(partial, cache)
+    return low, high
+
+
+def check_token_ids(data: BinIdx, vocab_size: int) -> None:
+    """Raise a one-line DataError unless every token id of ``data`` lies in [0, vocab_size): an id outside it is an
+    IndexError mid-run on a CPU and a device-side assert on a GPU, if a window ever samples it."""
+    low, high = token_range(data)
+    if data.num_tokens == 0 or (low >= 0 and high < vocab_size):
+        return
+    position = _first_outside(data.tokens, vocab_size)
+    bigger_vocab = f" or a model.vocab_size above {high}" if low >= 0 else ""
+    raise DataError(f"{data.bin_path} holds token id {int(data.tokens[position])} at token {position}, outside the "
+                    f"model's vocabulary 0..{vocab_size - 1} (the data's ids span {low}..{high}); use data tokenized "
+                    f"for this vocabulary{bigger_vocab}")
+
+
+def _scan_range(tokens: np.ndarray) -> tuple[int, int]:
+    if not len(tokens):
+        return 0, -1
+    ranges = [(int(block.min()), int(block.max())) for _, block in _blocks(tokens)]
+    return min(low for low, _ in ranges), max(high for _, high in ranges)
+
+
+def _first_outside(tokens: np.ndarray, vocab_size: int) -> int:
+    for start, block in _blocks(tokens):
+        outside = np.flatnonzero((block < 0) | (block >= vocab_size))
+        if outside.size:
+            return start + int(outside[0])
+    raise ValueError("no token id outside the vocabulary")
+
+
+def _blocks(tokens: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(offset, tokens) blocks of ``_SCAN_CHUNK`` tokens: a scan of a memory map never holds more than one."""
+    for start in range(0, len(tokens), _SCAN_CHUNK):
+        yield start, tokens[start:start + _SCAN_CHUNK]
+
+
+def _range_cache_file(bin_path: Path) -> Path:
+    """``$XDG_CACHE_HOME/rwkv7-harness/token-range/<hash of the .bin's absolute path>.json`` (``~/.cache`` without
+    XDG_CACHE_HOME): outside the data's folder, which may be read-only (the bundled sample in site-packages)."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    key = hashlib.sha256(str(bin_path.resolve()).encode()).hexdigest()[:32]
+    return root / "rwkv7-harness" / "token-range" / f"{key}.json"
+
+
+def _file_stamp(path: Path) -> dict[str, object]:
+    """What identifies this version of the file without reading it: a rewrite changes its size or mtime."""
+    stat = path.stat()
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
+
+
+def _read_cached_range(cache: Path, stamp: dict[str, object]) -> tuple[int, int] | None:
+    try:
+        record = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or any(record.get(key) != value for key, value in stamp.items()):
+        return None
+    low, high = record.get("min"), record.get("max")
+    return (low, high) if isinstance(low, int) and isinstance(high, int) else None
 
 
 def default_data_prefix() -> Path:

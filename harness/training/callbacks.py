@@ -171,7 +171,7 @@ class StepRecorder(Callback):
         checkpointed = resume is not end
         row = self._write(keep=0 if checkpointed else 1)
         if row is not None:
-            self.shown = {"loss": f"{row['loss']:.3f}", "kt/s": f"{row['kt_per_s']:.1f}"}
+            self.shown = {"loss": f"{row['loss']:.3f}", "speed": format_throughput(row["kt_per_s"])}
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._write(keep=0)
@@ -359,6 +359,13 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists():
         path.unlink()
+
+
+def format_throughput(kt_per_s: float) -> str:
+    """Three significant digits in kt/s, in tokens/s below 1 kt/s (a slow CPU's rate is no "0.0 kt/s")."""
+    value, unit = (kt_per_s, "kt/s") if kt_per_s >= 1 else (kt_per_s * 1000, "tokens/s")
+    decimals = max(0, 2 - math.floor(math.log10(value))) if value > 0 else 0
+    return f"{value:.{decimals}f} {unit}"
 
 
 class _ShowsLastRow:

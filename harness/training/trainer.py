@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -26,7 +28,14 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 import impls
-from harness.data.binidx import BinIdx, ResumeSampler, StepWindows, default_data_prefix, magic_prime
+from harness.data.binidx import (
+    BinIdx,
+    ResumeSampler,
+    StepWindows,
+    check_token_ids,
+    default_data_prefix,
+    validate_for_training,
+)
 from harness.env import environment
 from harness.errors import HarnessError
 from harness.model.init import apply_init
@@ -44,6 +53,7 @@ from harness.training.callbacks import (
     SyncCounter,
     progress_bar,
 )
+from harness.training.memory import available_memory, check_fits, estimate_training_memory
 from harness.training.optim import LRSchedule, describe_groups, param_groups
 from impls import triton_autotune
 from impls.base import Implementation
@@ -52,7 +62,7 @@ from impls.base import Implementation
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 # Keys that may change between a run and its resumption without changing what is computed.
 RESUME_NEUTRAL_KEYS = ("trainer.ckpt_every", "trainer.num_workers", "trainer.profile_steps", "trainer.progress_every",
-                       "trainer.sync_debug_steps", "trainer.gc_every", "overwrite")
+                       "trainer.sync_debug_steps", "trainer.gc_every", "trainer.memory_check", "overwrite")
 
 
 # --- configuration -----------------------------------------------------------------------------------
@@ -117,10 +127,11 @@ def plan_run(cfg: DictConfig) -> Plan:
         raise HarnessError(f"bad model config: {exc}") from None
     prefix = resolve_data_prefix(cfg.data.path)
     data = open_data(prefix, cfg.data.get("hint"))
-    prime = magic_prime(data.num_tokens, model_cfg.ctx_len)
+    prime = validate_for_training(data, model_cfg.ctx_len)
+    check_token_ids(data, model_cfg.vocab_size)
     world_size = int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)
     run_id = cfg.run_id or f"{impl.name}-{cfg.init.mode}-bsz{cfg.bsz}-seed{cfg.seed}"
-    return Plan(
+    plan = Plan(
         impl=impl, model_cfg=model_cfg, run_dir=RunDir(Path(cfg.results_dir) / cfg.experiment / run_id),
         data_prefix=prefix, data_tokens=data.num_tokens, magic_prime=prime, micro_bsz=cfg.bsz,
         world_size=world_size, max_steps=int(cfg.trainer.max_steps), accelerator=accelerator,
@@ -129,6 +140,41 @@ def plan_run(cfg: DictConfig) -> Plan:
         deepspeed=deepspeed_knobs(cfg.trainer.deepspeed, world_size),
         sync_free_clip=bool(cfg.trainer.sync_free_clip),
     )
+    for directory in (plan.run_dir.path, shared_init_file(cfg, model_cfg).parent):
+        check_can_create(directory)
+    if cfg.trainer.memory_check and _is_launching_rank_zero():
+        _check_memory(plan, int(cfg.trainer.devices))
+    return plan
+
+
+def check_can_create(directory: Path) -> None:
+    """Raise a one-line HarnessError unless files can be written in ``directory`` (created later when missing):
+    a file is created and dropped in its nearest existing folder, the one test that holds for root and for
+    read-only mounts alike (``os.access`` says yes to root on a read-only mount). Leaves nothing behind."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise HarnessError(f"cannot create {directory}: {existing} is not a directory; choose another results_dir=")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise HarnessError(f"cannot write in {existing} (for {directory}): {exc.strerror}; "
+                           f"choose a writable results_dir=") from None
+
+
+def _check_memory(plan: Plan, local_processes: int) -> None:
+    """Refuse a run whose estimated peak exceeds the memory available (``trainer.memory_check=false`` skips this):
+    the kernel's OOM killer would end it without a word. Checked once, by the launching process, before the other
+    ranks start (a rank that refused alone would leave the others waiting): on a CPU for all the local processes,
+    each with its own copy; on GPUs for one rank, on the first GPU."""
+    estimate = estimate_training_memory(plan.model_cfg, plan.micro_bsz, plan.impl.name, plan.precision,
+                                        plan.accelerator)
+    if plan.accelerator == "gpu":
+        check_fits(estimate, 1, available_memory("gpu", 0))
+    else:
+        check_fits(estimate, local_processes, available_memory("cpu"))
 
 
 def deepspeed_knobs(knobs: DictConfig, world_size: int) -> dict[str, object]:
@@ -451,7 +497,34 @@ def _move_old_run_aside(lock: RunLock, rd: RunDir) -> Path:
     return destination
 
 
+# Lightning's chatter around the harness's own lines: its accelerator summary, product tips, the checkpoint loader's
+# note on torch.load and the max_steps note that the "done:" line says already. Its other records (resuming, DDP
+# set-up) and every warning but the one filtered in quiet_lightning still show.
+LIGHTNING_CHATTER = ("GPU available:", "TPU available:", "HPU available:", "\N{ELECTRIC LIGHT BULB} Tip:",
+                     "`weights_only` was not set", "`Trainer.fit` stopped: `max_steps=", "LOCAL_RANK:")
+LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                     "lightning.pytorch.trainer.connectors.checkpoint_connector", "lightning.pytorch.accelerators.cuda")
+
+
+class _DropLightningChatter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(LIGHTNING_CHATTER)
+
+
+_DROP_LIGHTNING_CHATTER = _DropLightningChatter()
+
+
+def quiet_lightning() -> None:
+    """Drop :data:`LIGHTNING_CHATTER` from Lightning's loggers (once however often called)."""
+    for name in LIGHTNING_LOGGERS:
+        logging.getLogger(name).addFilter(_DROP_LIGHTNING_CHATTER)
+    # Lightning's own pytree helper still uses torch's deprecated LeafSpec: nothing a user can act on
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
+
+
 def _make_trainer(cfg: DictConfig, plan: Plan, schedule: LRSchedule, start_step: int):
+    quiet_lightning()
     lr = LRScheduler(schedule)
     is_rank_zero = _is_launching_rank_zero()
     log = StepLog(plan.run_dir.steps_csv, start_step) if is_rank_zero else None
