@@ -46,6 +46,10 @@ class RunLock:
                 os.close(fd)
                 raise HarnessError(f"{self.run_dir} is in use by {holder}; wait for that run to end, or stop it "
                                    f"(Ctrl-C checkpoints it), or choose another run_id=") from None
+            except OSError as exc:  # a file system without locks (some network mounts)
+                os.close(fd)
+                raise HarnessError(f"cannot lock {self.path}: {exc.strerror}; choose a results_dir= on a local "
+                                   f"disk") from None
             if _is_current_file(fd, self.path):
                 break
             os.close(fd)  # the directory was moved or removed between our open and our lock: lock what is there now
@@ -67,7 +71,7 @@ class RunLock:
         """Unlock; a run directory this lock created and nothing else was written to is removed again."""
         if self._fd is None:
             return
-        if self._created_dir and [p.name for p in self.run_dir.iterdir()] == [LOCK_NAME]:
+        if self._created_dir and [p.name for p in self.run_dir.glob("*")] == [LOCK_NAME]:
             self.path.unlink()
             self.run_dir.rmdir()
         os.close(self._fd)
