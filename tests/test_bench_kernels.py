@@ -70,7 +70,7 @@ def test_failures_become_statuses_and_block_longer_sequences(tmp_path: Path, mon
     fake = frame[frame["kernel"] == "fake"].set_index("T")
     assert list(fake["status"]) == ["ok", "oom", "skipped (oom at T=16)"]
     assert fake["rel_err_y"].notna().all()  # accuracy still measured (at B=1) for rows that could not be timed
-    slow = run_cli(tmp_path, "kernels=reference", "T=8,16", "B=1", "H=1", "N=8", "device=cpu", "modes=fwd",
+    slow = run_cli(tmp_path / "slow", "kernels=reference", "T=8,16", "B=1", "H=1", "N=8", "device=cpu", "modes=fwd",
                    "max_call_s=0")
     assert slow["status"].iloc[0].startswith("too_slow (one call") and slow["status"].iloc[1] == (
         "skipped (too_slow at T=8)")
@@ -185,15 +185,16 @@ def test_resume_keeps_measured_rows_and_measures_the_rest(tmp_path: Path, monkey
     common = ["kernels=fake", "B=2", "H=1", "N=8", "device=cpu", "modes=fwd"]
     skipped = run_cli(tmp_path, *common, "T=8,16", "budget_s=1e-9")
     assert skipped["status"].str.startswith("skipped (time budget").all() and not calls
-    first = run_cli(tmp_path, *common, "T=8,16", "resume=true")
+    first = run_cli(tmp_path, *common, "T=8,16", "resume=true").iloc[2:]  # appended after the skipped rows
     assert list(first["status"]) == ["ok", "oom"]  # budget-skipped rows are measured again
     calls.clear()
     second = run_cli(tmp_path, *common, "T=8,16,32", "resume=true")
     assert set(calls) == {32}  # T=8 and T=16 kept as they were; T=32 only for its accuracy (at B=1)
-    pd.testing.assert_frame_equal(second.iloc[:2], first)
-    assert second["status"].iloc[2] == "skipped (oom at T=16)"
+    pd.testing.assert_frame_equal(second.iloc[2:4], first)
+    assert len(second) == 5 and second["status"].iloc[4] == "skipped (oom at T=16)"
+    calls.clear()
     fresh = run_cli(tmp_path, *common, "T=8")
-    assert len(fresh) == 1 and calls  # resume is off by default: everything is measured again
+    assert len(fresh) == 6 and calls  # resume is off by default: everything is measured again (and appended)
 
 
 def test_resume_never_keeps_rows_of_another_gpu(tmp_path: Path) -> None:

@@ -102,8 +102,14 @@ def test_report_cli_subset_and_readme_embedding(tmp_path):
     shutil.copytree(FIXTURE, results)
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- summary:start -->\nold\n<!-- summary:end -->\noutro\n")
-    proc = subprocess.run([sys.executable, "-m", "harness.report", "--results", str(results), "--figures",
-                           str(tmp_path / "figs"), "--impl", "fla"], cwd=tmp_path, capture_output=True, text=True,
+    command = [sys.executable, "-m", "harness.report", "--results", str(results), "--figures", str(tmp_path / "figs"),
+               "--impl", "fla"]
+    for flags in ([], ["--no-readme"]):  # the default, and the old flag that asked for it
+        proc = subprocess.run(command + flags, cwd=tmp_path, capture_output=True, text=True,
+                              env={"PYTHONPATH": str(REPO), "PATH": ""})
+        assert proc.returncode == 0, proc.stderr
+        assert readme.read_text() == "intro\n<!-- summary:start -->\nold\n<!-- summary:end -->\noutro\n"
+    proc = subprocess.run(command + ["--readme"], cwd=tmp_path, capture_output=True, text=True,
                           env={"PYTHONPATH": str(REPO), "PATH": ""})
     assert proc.returncode == 0, proc.stderr
     text = readme.read_text()
@@ -170,3 +176,71 @@ def test_scaling_table_pairs_runs_that_differ_only_in_gpu_count():
     assert table.loc[2, "loss_mean_abs_diff"] == pytest.approx(0.01)  # 0.02 on every other step
     assert table.loc[2, "loss_max_abs_diff_25step"] == pytest.approx(13 * 0.02 / 25)  # 13 odd steps in a window
     assert table.loc[1, "loss_mean_abs_diff"] == 0.0
+
+
+def _bad_runs(results: Path) -> dict[str, Path]:
+    """Three unreadable runs beside the fixture's good ones; their files by what is wrong with them."""
+    good = results / "fixture-exp" / "fla-shared-bsz2-seed0"
+    bad = {}
+    for name in ("corrupt", "empty", "garbage"):
+        shutil.copytree(good, results / "broken" / name)
+    bad["corrupt"] = results / "broken" / "corrupt" / "steps.csv"
+    bad["corrupt"].write_text(bad["corrupt"].read_text() + "12,13000,4.0\n")  # a row cut short
+    bad["empty"] = results / "broken" / "empty" / "steps.csv"
+    bad["empty"].write_bytes(b"")
+    bad["garbage"] = results / "broken" / "garbage" / "run.json"
+    bad["garbage"].write_bytes(b"\x00{not json")
+    return bad
+
+
+def test_unreadable_runs_are_named_in_one_warning_line_and_the_good_ones_reported(tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(FIXTURE, results)
+    bad = _bad_runs(results)
+    proc = subprocess.run([sys.executable, "-m", "harness.report", "--results", str(results), "--figures",
+                           str(tmp_path / "figs")], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(REPO), "PATH": ""})
+    assert proc.returncode == 0, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("warning: left out 3 unreadable run file(s)")
+    assert all(str(path) in line for path in bad.values()), line
+    assert "(corrupt:" in line and "(empty)" in line and "(not JSON" in line
+    summary = (results / "summary.md").read_text()
+    assert "| fixture-exp | rwkv_jit | shared | 2 | by_role | 2 | 20 | 6 |" in summary and "broken" not in summary
+
+
+def test_loading_skips_each_kind_of_unreadable_run(tmp_path, capsys):
+    results = tmp_path / "results"
+    shutil.copytree(FIXTURE, results)
+    expected = load_runs(FIXTURE)
+    bad = _bad_runs(results)
+    (results / "broken" / "list").mkdir()
+    (results / "broken" / "list" / "run.json").write_text("[]")  # JSON, but not a run record
+    (results / "broken" / "list" / "steps.csv").write_text((FIXTURE / "fixture-exp" / "fla-shared-bsz2-seed0" /
+                                                            "steps.csv").read_text())
+    (results / "broken" / "header").mkdir()
+    (results / "broken" / "header" / "run.json").write_text("{}")
+    (results / "broken" / "header" / "steps.csv").write_text("step,tokens,loss,lr,step_time_s,kt_per_s,warmup\n")
+    steps = load_runs(results)
+    assert set(steps["run_id"]) == set(expected["run_id"]) and len(steps) == len(expected)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and all(str(path) in err for path in bad.values())
+    assert "list/run.json (not a run record)" in err and "header/steps.csv (no steps)" in err
+
+
+def test_a_report_without_a_readable_run_is_one_error_line_naming_the_files(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    bad = _bad_runs_only(results)
+    proc = subprocess.run([sys.executable, "-m", "harness.report", "--results", str(results), "--figures",
+                           str(tmp_path / "figs")], cwd=REPO, capture_output=True, text=True)
+    [line] = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and line.startswith("error: no readable runs") and str(bad) in line
+
+
+def _bad_runs_only(results: Path) -> Path:
+    run = results / "exp" / "run-0"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text("{}")
+    (run / "steps.csv").write_bytes(b"")
+    return run / "steps.csv"

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from harness.bench import decoding, decoding_report, parity, step, wkv_op, wkv_op_report
-from harness.bench.grid import with_environment
+from harness.bench.grid import BenchCsv, series_of_setup, with_environment
 from harness.config import BENCH_CONF_DIR, compose_config, dataclass_from
 from harness.env import environment
 from harness.errors import HarnessError, exit_on_user_error
@@ -19,7 +19,6 @@ from harness.model.rwkv import ModelConfig
 Config = TypeVar("Config")
 # Commands that build an RWKV model -> the sizes of their config that must be at least 1, besides the model's.
 MODEL_SIZES = {"step": ("bsz", "ctx", "steps", "profile_steps"), "parity": ("T", "B"), "inference": ()}
-
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,35 +87,37 @@ def check_model_shape(cfg: step.StepConfig | parity.ParityConfig | decoding.Infe
 
 
 def kernels_command(overrides: list[str], quick: bool = False, plot_only: bool = False) -> None:
-    """The WKV-op grid into ``<name>.csv``, then its tables and figure."""
+    """The WKV-op grid appended to ``<name>.csv``, then the tables and figure of the series it measured (of every
+    series with ``plot_only``); the files of other devices' series are left as they are."""
     cfg = bench_config("kernels_quick" if quick else "kernels", overrides, wkv_op.KernelBenchConfig)
     csv_path = Path(cfg.out) / f"{cfg.name}.csv"
     if not plot_only:
-        wkv_op.run_grid(cfg, csv_path)
-    frame = wkv_op_report.read_csv(csv_path)
-    figure, table = Path(cfg.figures) / f"{cfg.name}.png", Path(cfg.out) / f"{cfg.name}.md"
-    wkv_op_report.plot_kernels(frame, figure)
-    table.write_text(wkv_op_report.markdown_tables(frame))
-    for path in ([] if plot_only else [csv_path]) + [table, figure]:
-        print(f"wrote {path}")
+        print(f"appended {len(wkv_op.run_grid(cfg, csv_path))} rows to {csv_path}")
+    every = wkv_op_report.series(csv_path)
+    for rows in every if plot_only else series_of_setup(every, wkv_op.setup_columns(cfg)):
+        for path in wkv_op_report.write_series(rows, Path(cfg.out), Path(cfg.figures), cfg.name):
+            print(f"wrote {path}")
 
 
 def inference_command(overrides: list[str], plot_only: bool = False, count_ops: bool = False) -> None:
-    """Decoding vs context: the grid into ``inference.csv`` and its figures, or the operator count."""
+    """Decoding vs context: the grid appended to ``inference.csv`` and the figures of the series it measured (of
+    every series with ``plot_only``), or the operator count appended to ``inference_ops.csv``."""
     cfg = bench_config("inference", overrides, decoding.InferenceConfig)
     if count_ops:
         decoding.validate(cfg)
-        path = Path(cfg.out) / "inference_ops.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        decoding.ops_table(cfg).to_csv(path, index=False)
-        print(f"wrote {path}")
+        log = BenchCsv(Path(cfg.out) / "inference_ops.csv", decoding.OPS_FIELDS)
+        rows = decoding.ops_rows(cfg)
+        for row in rows:
+            log.append(row)
+        print(f"appended {len(rows)} rows to {log.path}")
         return
     csv_path = Path(cfg.out) / "inference.csv"
     if not plot_only:
-        decoding.run_grid(cfg, csv_path)
-    figures = decoding_report.plot(decoding_report.read_csv(csv_path), Path(cfg.figures))
-    for path in ([] if plot_only else [csv_path]) + figures:
-        print(f"wrote {path}")
+        print(f"appended {len(decoding.run_grid(cfg, csv_path))} rows to {csv_path}")
+    every = decoding_report.series(csv_path)
+    for rows in every if plot_only else series_of_setup(every, decoding.setup_columns(cfg)):
+        for path in decoding_report.plot(rows.frame, Path(cfg.figures), rows.suffix):
+            print(f"wrote {path}")
 
 
 def parity_command(overrides: list[str]) -> None:

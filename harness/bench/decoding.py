@@ -43,35 +43,36 @@ and (decode) the graph's pool; ``peak_mem_gib`` = this model's weights + the lar
 Grid: L ascending (outermost), then batch, then model. An out-of-memory error, a failure or a warm-up prefill slower
 than ``max_prefill_s`` is recorded as the row's status and skips larger L for that (model, impl, batch);
 ``time_budget_s`` > 0 stops measuring after that many seconds (remaining rows ``skipped (time budget ...)``), and
-``resume=true`` keeps the rows of the existing CSV measured with the same model size, dtype, device and GPU model and
-measures only the rest. Rows go to ``<out>/inference.csv`` as they are measured (with the environment); figures to
-``<figures>/inference_{latency,memory,prefill}.png``; ``--plot-only`` redraws them from the CSV.
+``resume=true`` reuses the rows of the existing CSV measured with the same model size, dtype, device and GPU model
+and measures only the rest. Rows are appended to ``<out>/inference.csv`` as they are measured (with the
+environment): the CSV only grows, so published rows stay byte for byte beside a user's (:mod:`harness.bench.grid`).
+Figures, from the rows of this run's series (device, size and dtype): ``<figures>/inference<suffix>_{latency,memory,
+prefill}.png``, the suffix empty for the CSV's first series (the published H200 rows: ``inference_latency.png``) and
+naming the device and set-up otherwise (``inference-cpu-l2-d64-fp32_latency.png``); ``--plot-only`` redraws every
+series' figures from the CSV. ``--count-ops`` appends to ``<out>/inference_ops.csv`` the same way.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import impls
 from harness.bench.grid import (
-    blocked_after_failures,
-    budget_skip,
-    budget_skip_note,
-    csv_cells,
-    failure_skip,
+    BenchCsv,
+    Cell,
+    Sweep,
     guarded_measurement,
     resumable_rows,
+    run_cells,
     synchronize,
     with_environment,
 )
@@ -349,65 +350,48 @@ def warm_start(decoders: list[Decoder], cfg: InferenceConfig) -> dict[tuple[str,
 
 
 RowKey = tuple[str, str, int, int]  # model, impl, batch, L
+KEY = ("model", "impl", "batch", "L")  # the columns of a row's key
+SETUP = ("size", "dtype")  # with the device: what a series of rows shares (harness.bench.grid.bench_series)
+
+
+def setup_columns(cfg: InferenceConfig) -> dict[str, object]:
+    """The columns every row of this configuration shares, besides the environment."""
+    return {"size": f"L{cfg.n_layer}-D{cfg.n_embd}", "dtype": cfg.dtype, "device": cfg.device}
 
 
 def earlier_rows(csv_path: Path, cfg: InferenceConfig) -> dict[RowKey, dict[str, str]]:
     """Rows of an earlier run to keep with ``resume=true``: those of the same model size, dtype, device and GPU model,
-    except the ones its time budget skipped; as written."""
+    except the ones its time budget skipped (the last of each key); as written."""
     if not cfg.resume:
         return {}
-    same = {"size": f"L{cfg.n_layer}-D{cfg.n_embd}", "dtype": cfg.dtype, "device": cfg.device}
+    same = {k: str(v) for k, v in setup_columns(cfg).items()}
     return {(r["model"], r["impl"], int(r["batch"]), int(r["L"])): r for r in resumable_rows(csv_path, FIELDS, same)}
 
 
-def run_grid(cfg: InferenceConfig, csv_path: Path) -> pd.DataFrame:
-    """Measure the grid, writing each row to ``csv_path`` as soon as it is measured (rows kept by ``resume`` as they
-    were); returns all rows."""
+def cells(cfg: InferenceConfig, decoders: list[Decoder], fixed: dict[str, object]) -> Iterator[Cell]:
+    """Every (decoder, batch, L) with L outermost and ascending, so a time budget cuts the longest contexts."""
+    for length in sorted(cfg.lengths):
+        for batch in cfg.batches:
+            for decoder in decoders:
+                yield Cell((decoder.model_name, decoder.impl, batch, length),
+                           {**fixed, "model": decoder.model_name, "impl": decoder.impl, "batch": batch, "L": length,
+                            "params": count_parameters(decoder.module), "layers": decoder.layers()},
+                           partial(measure, decoder, batch, length, cfg))
+
+
+def run_grid(cfg: InferenceConfig, csv_path: Path) -> list[dict[str, object]]:
+    """Measure the grid, appending each row to ``csv_path`` as soon as it is measured (rows kept by ``resume`` are
+    already there); returns the rows appended."""
     validate(cfg)
+    log = BenchCsv(csv_path, FIELDS)
     kept = earlier_rows(csv_path, cfg)
-    start = time.perf_counter()
+    sweep = Sweep(swept=KEY.index("L"), swept_name="L", budget_option="time_budget_s", budget_s=cfg.time_budget_s,
+                  device=cfg.device, reported=(TooSlow,))  # the budget counts the models' build and warm start
     decoders = build_decoders(cfg)
-    fixed = {"size": f"L{cfg.n_layer}-D{cfg.n_embd}", "dtype": cfg.dtype, "device": cfg.device,
-             **with_environment({}, environment())}
+    fixed = {**setup_columns(cfg), **with_environment({}, environment())}
     pending = [d for d in decoders if any((d.model_name, d.impl, batch, length) not in kept
                                           for batch in cfg.batches for length in cfg.lengths)]
-    blocked = blocked_after_failures(kept, swept=3, name="L") | warm_start(pending, cfg)
-    rows: list[dict[str, object]] = []
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS, lineterminator="\n")
-        writer.writeheader()
-        for length in sorted(cfg.lengths):
-            for batch in cfg.batches:
-                for decoder in decoders:
-                    key = (decoder.model_name, decoder.impl, batch)
-                    row = kept.get((*key, length))
-                    if row is None:
-                        row = {**fixed, "model": decoder.model_name, "impl": decoder.impl, "batch": batch,
-                               "L": length, "params": count_parameters(decoder.module), "layers": decoder.layers()}
-                        row |= _measure_or_skip(decoder, batch, length, cfg, blocked, time.perf_counter() - start)
-                        row = csv_cells(row, FIELDS)
-                        print(_progress(row, time.perf_counter() - start), flush=True)
-                    rows.append(row)
-                    writer.writerow(row)
-                    handle.flush()
-    if note := budget_skip_note(row["status"] for row in rows):
-        print(note)
-    return pd.DataFrame(rows, columns=list(FIELDS))
-
-
-def _measure_or_skip(decoder: Decoder, batch: int, length: int, cfg: InferenceConfig,
-                     blocked: dict[tuple[str, str, int], str], elapsed_s: float) -> dict[str, object]:
-    """One row's measured columns, or its skip status: an earlier failure first (it is permanent), then the budget."""
-    key = (decoder.model_name, decoder.impl, batch)
-    if key in blocked:
-        return {"status": blocked[key]}
-    if cfg.time_budget_s and elapsed_s > cfg.time_budget_s:
-        return {"status": budget_skip("time_budget_s", cfg.time_budget_s)}
-    result = guarded_measurement(partial(measure, decoder, batch, length, cfg), cfg.device, reported=(TooSlow,))
-    if result["status"] != "ok":
-        blocked[key] = failure_skip(str(result["status"]), "L", length)
-    return result
+    return run_cells(cells(cfg, decoders, fixed), log, sweep, kept, _progress, blocked=warm_start(pending, cfg))
 
 
 # --- figures ----------------------------------------------------------------------------------------------------
@@ -442,12 +426,15 @@ def step_ops(decoder: Decoder, batch: int = 1, prompt: int = 16) -> int:
     return counter.count
 
 
-def ops_table(cfg: InferenceConfig) -> pd.DataFrame:
-    """One row per decoder of ``cfg``: operators per decode step, in total and per layer."""
+OPS_FIELDS = ("model", "impl", "layers", "ops_per_step", "ops_per_layer", "device", "dtype", "torch")
+
+
+def ops_rows(cfg: InferenceConfig) -> list[dict[str, object]]:
+    """One row per decoder of ``cfg`` (columns OPS_FIELDS): operators per decode step, in total and per layer."""
     rows = []
     for decoder in build_decoders(dataclasses.replace(cfg, compile=0)):  # a compiled step is not dispatched op by op
         ops = step_ops(decoder)
         rows.append({"model": decoder.model_name, "impl": decoder.impl, "layers": decoder.layers(),
                      "ops_per_step": ops, "ops_per_layer": ops / decoder.layers(), "device": cfg.device,
                      "dtype": cfg.dtype, "torch": torch.__version__})
-    return pd.DataFrame(rows)
+    return rows

@@ -1,5 +1,7 @@
 """Figures and the summary table of the decoding benchmark (:mod:`harness.bench.decoding`), from its CSV: read by
-the benchmark after a grid and by ``harness.report``."""
+the benchmark after a grid and by ``harness.report``. They are drawn per series (device, model size and dtype,
+:func:`harness.bench.grid.bench_series`): ``inference<suffix>_{latency,memory,prefill}.png``, the suffix empty for
+the CSV's first series and naming the device and set-up otherwise, so a run on one device never redraws another's."""
 
 from __future__ import annotations
 
@@ -8,13 +10,21 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.bench.decoding import FIELDS
-from harness.bench.grid import device_label, read_bench_csv
+from harness.bench.decoding import FIELDS, KEY, SETUP
+from harness.bench.grid import Series, bench_series, device_label, read_bench_csv
 from harness.figures import finish_figure
+
+DTYPES = {"status": str, "gpu": str, "impl": str}
 
 
 def read_csv(path: Path) -> pd.DataFrame:
-    return read_bench_csv(path, FIELDS, "inference", {"status": str, "gpu": str, "impl": str})
+    """Every row of the CSV, as appended."""
+    return read_bench_csv(path, FIELDS, "inference", DTYPES)
+
+
+def series(path: Path) -> list[Series]:
+    """The CSV's series: per device, model size and dtype, the latest row of every (model, impl, batch, L)."""
+    return bench_series(path, FIELDS, "inference", DTYPES, SETUP, KEY)
 
 
 def _label(model: str, impl: str) -> str:
@@ -77,9 +87,10 @@ def _draw_prefill(ax, rows: pd.DataFrame, color) -> None:
     ax.plot(rows["L"], rows["prefill_ms"], "o-", ms=3, color=color, label=_label(first["model"], first["impl"]))
 
 
-def plot(frame: pd.DataFrame, figures_dir: Path) -> list[Path]:
-    """Latency, memory and prefill figures of one run's rows; returns the files written."""
-    paths = [figures_dir / f"inference_{name}.png" for name in ("latency", "memory", "prefill")]
+def plot(frame: pd.DataFrame, figures_dir: Path, suffix: str = "") -> list[Path]:
+    """Latency, memory and prefill figures of one series' rows (``inference<suffix>_<figure>.png``); returns the
+    files written."""
+    paths = [figures_dir / f"inference{suffix}_{name}.png" for name in ("latency", "memory", "prefill")]
     _figure(frame, paths[0], "Decode latency per token (median, p20-p80)", "ms per decode step", _draw_latency)
     _figure(frame, paths[1], "Decode state: RWKV state vs KV cache vs LSTM", "MiB", _draw_memory)
     _figure(frame, paths[2], "Prefill time (median of reps)", "ms", _draw_prefill)

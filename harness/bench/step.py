@@ -11,7 +11,6 @@ GPU box), name the commit with $RWKV_GIT_COMMIT and $RWKV_GIT_DIRTY (harness.env
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 import impls
-from harness.bench.grid import synchronize
+from harness.bench.grid import BenchCsv, synchronize
 from harness.errors import HarnessError
 from harness.model.rwkv import RWKV, ModelConfig, lm_loss
 from harness.profiling import profile_summary
@@ -103,23 +102,13 @@ def measure(cfg: StepConfig) -> dict[str, object]:
 
 
 def append_row(row: dict[str, object], env: dict[str, object], out_dir: Path) -> Path:
-    """Append ``row`` to out_dir/step.csv (header written once) and, with ``env``, to out_dir/step.jsonl."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "step.csv"
-    exists = path.exists() and path.stat().st_size > 0
-    if exists:
-        with path.open(newline="") as f:
-            header = next(csv.reader(f))
-        if tuple(header) != FIELDS:
-            raise HarnessError(f"{path} has other columns than this benchmark writes; move it aside")
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS, lineterminator="\n")
-        if not exists:
-            writer.writeheader()
-        writer.writerow({key: row[key] for key in FIELDS})
+    """Append ``row`` to out_dir/step.csv (append-only, :class:`~harness.bench.grid.BenchCsv`) and, with ``env``, to
+    out_dir/step.jsonl."""
+    log = BenchCsv(out_dir / "step.csv", FIELDS)
+    log.append({key: row[key] for key in FIELDS})
     with (out_dir / "step.jsonl").open("a") as f:
         f.write(json.dumps({**row, "environment": env}, default=str) + "\n")
-    return path
+    return log.path
 
 
 def profile(cfg: StepConfig) -> str:

@@ -21,7 +21,7 @@ fallback is a ``time.perf_counter`` median over the same budget (no cache flush;
 call takes more than ``max_call_s``, are recorded with a status instead of crashing, and larger T for the same
 (kernel, mode, B, H) is then skipped. ``budget_s`` > 0 stops measuring after that many seconds (remaining rows:
 status ``skipped (time budget ...)``), so a run under a hard time limit still writes its CSV and figure;
-``resume=true`` then keeps every row of that CSV measured on the same device, GPU model and N, and measures only
+``resume=true`` then reuses every row of that CSV measured on the same device, GPU model and N, and measures only
 the rest.
 
 Accuracy: ``||x - ref|| / ||ref||`` of the output and of each gradient (r, w, k, v, a, b; w is always the raw decay
@@ -30,9 +30,12 @@ same bf16 inputs, with a seeded bf16 upstream gradient. The fp64 loop is slow an
 accuracy is measured on B = min(B, ``acc_B``) and T = min(T, ``acc_T``) (columns ``acc_B``, ``acc_T``) and shared by
 every row of the same (H, N, acc_B, acc_T). ``fwd`` rows carry the output error only.
 
-Output: ``<out>/<name>.csv`` (one tidy row per kernel, mode and shape, written as it is measured, with the
-environment), ``<out>/<name>.md`` (time and accuracy pivot tables), ``<figures>/<name>.png`` (log-log time vs T per
-(B, H) and mode, and accuracy vs T). ``--plot-only`` redraws the last two from the CSV.
+Output: ``<out>/<name>.csv``, one tidy row per kernel, mode and shape with the environment, appended as it is
+measured: the CSV only grows, so published rows stay byte for byte beside a user's (:mod:`harness.bench.grid`). From
+its rows of this run's series (device and N): ``<out>/<name><suffix>.md`` (time and accuracy pivot tables) and
+``<figures>/<name><suffix>.png`` (log-log time vs T per (B, H) and mode, and accuracy vs T), where the suffix is empty
+for the CSV's first series (the published H200 grid: ``kernels.md``, ``figures/kernels.png``) and names the device
+and N otherwise (``kernels-cpu.md``). ``--plot-only`` redraws the files of every series from the CSV.
 
 Default grid: T 256..16384 (powers of 2), B {1, 8, 48}, H {12, 32}, N 64: 42 shapes x (cuda fwd/fwdbwd, fla_chunk
 fwd/fwdbwd, fla_recurrent fwd) + the reference up to T=1024. Estimated on an H100: about 0.15-0.3 s per
@@ -44,7 +47,6 @@ loops (B=1, every T up to 16384), 20 s for the CUDA build: ~3-4 min with a warm 
 
 from __future__ import annotations
 
-import csv
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -57,15 +59,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from harness.bench.grid import (
-    BUDGET_SKIP,
-    blocked_after_failures,
-    budget_skip,
-    budget_skip_note,
-    csv_cells,
-    failure_skip,
+    BenchCsv,
+    Cell,
+    Sweep,
     free_memory,
     guarded_measurement,
     resumable_rows,
+    run_cells,
     synchronize,
     with_environment,
 )
@@ -382,23 +382,18 @@ class Accuracy:
 # --- the grid -----------------------------------------------------------------------------------------------
 
 
-def grid(cfg: KernelBenchConfig, kernels: list[Kernel]) -> Iterator[tuple[int, int, int, list[tuple[Kernel, str]]]]:
-    """(T, B, H, [(kernel, mode), ...]) with T outermost and ascending, so a time budget cuts the longest T."""
-    for T in sorted(cfg.T):
-        for B in cfg.B:
-            for H in cfg.H:
-                yield T, B, H, [(k, m) for k in kernels for m in cfg.modes if m == "fwd" or k.backward]
+RowKey = tuple[str, str, int, int, int]  # kernel, mode, B, T, H
+KEY = ("kernel", "mode", "B", "T", "H")  # the columns of a row's key
+SETUP = ("N", "dtype")  # with the device: what a series of rows shares (harness.bench.grid.bench_series)
 
 
-def _skip_reason(kernel: Kernel, mode: str, B: int, T: int, H: int, blocked: dict[tuple, str],
-                 cfg: KernelBenchConfig, elapsed_s: float) -> str | None:
-    if kernel.max_T is not None and T > kernel.max_T:  # permanent reasons first: a resumed grid leaves them be
-        return f"skipped (kernel limit T<={kernel.max_T})"
-    if reason := blocked.get((kernel.name, mode, B, H)):
-        return reason
-    if cfg.budget_s and elapsed_s > cfg.budget_s:
-        return budget_skip("budget_s", cfg.budget_s)
-    return None
+def row_key(row: dict) -> RowKey:
+    return row["kernel"], row["mode"], int(row["B"]), int(row["T"]), int(row["H"])
+
+
+def setup_columns(cfg: KernelBenchConfig) -> dict[str, object]:
+    """The columns every row of this configuration shares, besides the environment."""
+    return {"N": cfg.N, "dtype": str(DTYPE).removeprefix("torch."), "device": cfg.device}
 
 
 def _progress(row: dict[str, object], elapsed_s: float) -> str:
@@ -410,80 +405,64 @@ def _progress(row: dict[str, object], elapsed_s: float) -> str:
 
 @dataclass
 class ShapeInputs:
-    """The shared inputs of one (B, T, H) shape, drawn on first use (never for a shape whose rows are all skipped)."""
+    """The shared inputs of the shape measured last, drawn on first use (never for a shape whose rows are all kept
+    or skipped); drawing another shape's frees these first."""
 
-    B: int
-    T: int
-    H: int
     cfg: KernelBenchConfig
+    shape: tuple[int, int, int] | None = None
     tensors: tuple[list[torch.Tensor], torch.Tensor] | None = None
 
-    def get(self) -> tuple[list[torch.Tensor], torch.Tensor]:
-        if self.tensors is None:
-            inputs = realistic_wkv_inputs(self.B, self.T, self.H, self.cfg.N, seed=self.cfg.seed,
-                                          device=self.cfg.device)
-            self.tensors = inputs, upstream_grad(inputs[0], self.cfg.seed)
+    def get(self, B: int, T: int, H: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        if self.shape != (B, T, H):
+            self.shape, self.tensors = None, None
+            free_memory(self.cfg.device)
+            inputs = realistic_wkv_inputs(B, T, H, self.cfg.N, seed=self.cfg.seed, device=self.cfg.device)
+            self.shape, self.tensors = (B, T, H), (inputs, upstream_grad(inputs[0], self.cfg.seed))
         return self.tensors
 
 
-def time_case(kernel: Kernel, op: Op, mode: str, shape: ShapeInputs, blocked: dict[tuple, str],
-              elapsed_s: float) -> dict[str, object]:
-    """Timing columns of one row, or its skip status; a failure blocks larger T of the same (kernel, mode, B, H)."""
-    cfg = shape.cfg
-    reason = _skip_reason(kernel, mode, shape.B, shape.T, shape.H, blocked, cfg, elapsed_s)
-    if reason is not None:
-        return {"status": reason}
-    inputs, dy = shape.get()
-    result = guarded_measurement(partial(measure, op, kernel_inputs(kernel, inputs), mode, dy, cfg), cfg.device)
-    if result["status"] != "ok":
-        blocked[(kernel.name, mode, shape.B, shape.H)] = failure_skip(str(result["status"]), "T", shape.T)
-    elif result.get("median_ms"):
-        result["tokens_per_s"] = shape.B * shape.T / (float(result["median_ms"]) / 1e3)
+def time_cell(kernel: Kernel, op: Op, mode: str, B: int, T: int, H: int, shapes: ShapeInputs) -> dict[str, object]:
+    """Timing columns of one row (tokens/s with a time)."""
+    inputs, dy = shapes.get(B, T, H)
+    result = measure(op, kernel_inputs(kernel, inputs), mode, dy, shapes.cfg)
+    if result.get("median_ms"):
+        result["tokens_per_s"] = B * T / (float(result["median_ms"]) / 1e3)
     return result
 
 
-RowKey = tuple[str, str, int, int, int]  # kernel, mode, B, T, H
+def cells(cfg: KernelBenchConfig, kernels: list[Kernel], ops: dict[str, Op],
+          fixed: dict[str, object]) -> Iterator[Cell]:
+    """Every (kernel, mode, shape) with T outermost and ascending, so a time budget cuts the longest T."""
+    accuracy, shapes = Accuracy(cfg, kernels, ops), ShapeInputs(cfg)
+    for T in sorted(cfg.T):
+        for B in cfg.B:
+            for H in cfg.H:
+                for kernel in kernels:
+                    for mode in (m for m in cfg.modes if m == "fwd" or kernel.backward):
+                        beyond = kernel.max_T is not None and T > kernel.max_T
+                        yield Cell((kernel.name, mode, B, T, H),
+                                   {**fixed, "kernel": kernel.name, "mode": mode, "B": B, "T": T, "H": H},
+                                   partial(time_cell, kernel, ops[kernel.name], mode, B, T, H, shapes),
+                                   extra=partial(accuracy.columns, kernel, mode, B, T, H),
+                                   limit=f"skipped (kernel limit T<={kernel.max_T})" if beyond else None)
 
 
 def earlier_rows(csv_path: Path, cfg: KernelBenchConfig) -> dict[RowKey, dict[str, str]]:
     """Rows of an earlier run to keep with ``resume=true``: those measured on the same device, GPU model and N,
-    except the ones its time budget skipped; as written."""
+    except the ones its time budget skipped (the last of each key); as written."""
     if not cfg.resume:
         return {}
-    return {(r["kernel"], r["mode"], int(r["B"]), int(r["T"]), int(r["H"])): r
-            for r in resumable_rows(csv_path, FIELDS, {"device": cfg.device, "N": str(cfg.N)})}
+    return {row_key(r): r for r in resumable_rows(csv_path, FIELDS, {"device": cfg.device, "N": str(cfg.N)})}
 
 
-def run_grid(cfg: KernelBenchConfig, csv_path: Path) -> None:
-    """Measure the grid, writing each row to ``csv_path`` as soon as it is measured (kept rows first, with resume)."""
+def run_grid(cfg: KernelBenchConfig, csv_path: Path) -> list[dict[str, object]]:
+    """Measure the grid, appending each row to ``csv_path`` as soon as it is measured (rows kept by ``resume`` are
+    already there); returns the rows appended."""
     kernels = validate(cfg)
+    log = BenchCsv(csv_path, FIELDS)
     kept = earlier_rows(csv_path, cfg)
     ops = {k.name: k.load() for k in kernels}
-    accuracy = Accuracy(cfg, kernels, ops)
-    fixed = {"N": cfg.N, "dtype": str(DTYPE).removeprefix("torch."), "device": cfg.device,
-             **with_environment({}, environment())}
-    blocked = blocked_after_failures(kept, swept=3, name="T")
-    statuses: list[str] = []
-    start = time.perf_counter()
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS, lineterminator="\n")
-        writer.writeheader()
-        for T, B, H, cases in grid(cfg, kernels):
-            shape = ShapeInputs(B, T, H, cfg)
-            for kernel, mode in cases:
-                row = kept.get((kernel.name, mode, B, T, H))
-                if row is None:
-                    row = {**fixed, "kernel": kernel.name, "mode": mode, "B": B, "T": T, "H": H}
-                    row |= time_case(kernel, ops[kernel.name], mode, shape, blocked, time.perf_counter() - start)
-                    if not str(row["status"]).startswith(BUDGET_SKIP):
-                        row |= accuracy.columns(kernel, mode, B, T, H)
-                    row = csv_cells(row, FIELDS)
-                    print(_progress(row, time.perf_counter() - start), flush=True)
-                statuses.append(str(row["status"]))
-                writer.writerow(row)
-                handle.flush()
-            del shape
-            free_memory(cfg.device)
-    if note := budget_skip_note(statuses):
-        print(note)
+    fixed = {**setup_columns(cfg), **with_environment({}, environment())}
+    sweep = Sweep(swept=KEY.index("T"), swept_name="T", budget_option="budget_s", budget_s=cfg.budget_s,
+                  device=cfg.device)
+    return run_cells(cells(cfg, kernels, ops, fixed), log, sweep, kept, _progress)

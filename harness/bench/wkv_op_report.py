@@ -1,5 +1,8 @@
 """Tables and the figure of the WKV-op benchmark (:mod:`harness.bench.wkv_op`), from its CSV: read by the benchmark
-after a grid and by ``harness.report``."""
+after a grid and by ``harness.report``. They are drawn per series (device and N,
+:func:`harness.bench.grid.bench_series`): ``<name><suffix>.md`` and ``<name><suffix>.png``, the suffix empty for the
+CSV's first series (``kernels.md``) and naming the device and set-up otherwise (``kernels-cpu.md``), so a run on one
+device never redraws another's files."""
 
 from __future__ import annotations
 
@@ -8,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness.bench.grid import device_label, read_bench_csv
-from harness.bench.wkv_op import FIELDS, GRADS, KERNELS, MODES
+from harness.bench.grid import Series, bench_series, device_label, read_bench_csv
+from harness.bench.wkv_op import FIELDS, GRADS, KERNELS, KEY, MODES, SETUP
 from harness.figures import finish_figure
 from harness.tables import markdown_table
 
@@ -145,5 +148,22 @@ def markdown_tables(frame: pd.DataFrame) -> str:
     ]) + "\n"
 
 
+DTYPES = {"status": str, "acc_status": str, "gpu": str}
+
+
 def read_csv(path: Path) -> pd.DataFrame:
-    return read_bench_csv(path, FIELDS, "kernels", {"status": str, "acc_status": str, "gpu": str})
+    """Every row of the CSV, as appended."""
+    return read_bench_csv(path, FIELDS, "kernels", DTYPES)
+
+
+def series(path: Path) -> list[Series]:
+    """The CSV's series: per device and N, the latest row of every (kernel, mode, shape)."""
+    return bench_series(path, FIELDS, "kernels", DTYPES, SETUP, KEY)
+
+
+def write_series(rows: Series, out_dir: Path, figures_dir: Path, name: str) -> list[Path]:
+    """The tables ``<out_dir>/<name><suffix>.md`` and the figure ``<figures_dir>/<name><suffix>.png`` of one series."""
+    table, figure = out_dir / f"{name}{rows.suffix}.md", figures_dir / f"{name}{rows.suffix}.png"
+    plot_kernels(rows.frame, figure)
+    table.write_text(markdown_tables(rows.frame))
+    return [table, figure]

@@ -3,15 +3,20 @@
 Reads every ``results/<experiment>/<run_id>/{run.json,steps.csv}`` into one tidy frame, then per arm
 (experiment, impl, init, bsz, grouping): throughput with warm-up excluded and Tukey 1.5 x IQR filtering (count
 removed reported) beside the aggregate tokens / wall time, and the published loss metric (mean over the last 200
-steps) with a 95% confidence interval across seeds. Figures are written with fixed metadata so the same inputs give
-byte-identical PNGs. The README embeds results/summary.md between ``<!-- summary:start -->`` and
-``<!-- summary:end -->``.
+steps) with a 95% confidence interval across seeds. Arms are keyed by GPU model too, so a run on other hardware
+never pools with or shifts the numbers of another (``vs_fastest`` and ``common_steps`` are per experiment and GPU
+model), and the benchmark sections come one per device and set-up (:func:`harness.bench.grid.bench_series`): a
+user's own CPU rows appear beside the published tables without changing them. A run whose run.json or steps.csv
+cannot be read is left out and named in one warning line. Figures are written with fixed metadata so the same inputs
+give byte-identical PNGs. Only ``--readme`` embeds results/summary.md in README.md and README.zh-CN.md (between
+``<!-- summary:start -->`` and ``<!-- summary:end -->``): the published READMEs change only when asked to.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from harness.bench import decoding_report, wkv_op_report
-from harness.bench.grid import device_label
+from harness.bench.grid import Series, device_label
 from harness.errors import HarnessError, exit_on_user_error
 from harness.figures import save_figure
 from harness.tables import markdown_table
@@ -32,30 +37,73 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 # --- loading ---------------------------------------------------------------------------------------------
 
 
+REQUIRED_STEP_COLUMNS = ["step", "tokens", "loss", "step_time_s", "kt_per_s", "warmup"]  # older logs lack the rest
+NUMERIC_STEP_COLUMNS = ["step", "tokens", "step_time_s", "kt_per_s", "warmup"]  # a loss may be NaN (a diverged run)
+
+
+class BadRunFile(Exception):
+    """A run file the report cannot read; its message says why."""
+
+
 def load_runs(results_dir: Path) -> pd.DataFrame:
-    """All steps of all runs, one row per (run, step), with the run's arm keys and seed as columns."""
-    frames = []
+    """All steps of all runs, one row per (run, step), with the run's arm keys and seed as columns. A run whose
+    run.json or steps.csv cannot be read is left out, and every such file is named in one warning line on stderr;
+    a run without steps.csv (not started) is left out silently."""
+    frames, bad = [], []
     for run_json in sorted(results_dir.glob("*/*/run.json")):
         steps_csv = run_json.parent / "steps.csv"
         if not steps_csv.exists():
             continue
-        run = json.loads(run_json.read_text())
-        config = run.get("config", {})
-        steps = pd.read_csv(steps_csv)
-        if steps.empty:
-            continue
-        steps = steps.assign(
-            experiment=run_json.parent.parent.name, run_id=run_json.parent.name,
-            impl=config.get("impl", {}).get("name"), init=config.get("init", {}).get("mode"),
-            bsz=config.get("bsz"), grouping=config.get("optim", {}).get("grouping"), seed=config.get("seed"),
-            gpu=_gpu_of(run), status=run.get("status"), strategy=run.get("trainer", {}).get("strategy"),
-            world_size=run.get("trainer", {}).get("world_size", 1),
-            data_sha256=run.get("data", {}).get("sha256"),
-        )
-        frames.append(steps)
+        try:
+            frames.append(read_run(run_json, steps_csv))
+        except BadRunFile as exc:
+            bad.append(str(exc))
+    if bad and frames:
+        print(f"warning: left out {len(bad)} unreadable run file(s): {'; '.join(bad)}", file=sys.stderr)
     if not frames:
-        raise HarnessError(f"no runs with steps.csv under {results_dir}")
+        raise HarnessError(f"no readable runs with steps.csv under {results_dir}"
+                           + (f" (unreadable: {'; '.join(bad)})" if bad else ""))
     return pd.concat(frames, ignore_index=True)
+
+
+def read_run(run_json: Path, steps_csv: Path) -> pd.DataFrame:
+    """One run's steps with its arm keys, seed and environment as columns; BadRunFile names a file that is not
+    JSON, not a run record, empty or corrupt."""
+    try:
+        run = json.loads(run_json.read_text())
+        columns = {"experiment": run_json.parent.parent.name, "run_id": run_json.parent.name, **_run_columns(run)}
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRunFile(f"{run_json} (not JSON: {' '.join(str(exc).split())[:80]})") from None
+    except (AttributeError, TypeError, KeyError, IndexError):
+        raise BadRunFile(f"{run_json} (not a run record)") from None
+    return _read_steps(steps_csv).assign(**columns)
+
+
+def _run_columns(run: dict) -> dict[str, object]:
+    config = run.get("config", {})
+    return {"impl": config.get("impl", {}).get("name"), "init": config.get("init", {}).get("mode"),
+            "bsz": config.get("bsz"), "grouping": config.get("optim", {}).get("grouping"), "seed": config.get("seed"),
+            "gpu": _gpu_of(run), "status": run.get("status"), "strategy": run.get("trainer", {}).get("strategy"),
+            "world_size": run.get("trainer", {}).get("world_size", 1),
+            "data_sha256": run.get("data", {}).get("sha256")}
+
+
+def _read_steps(steps_csv: Path) -> pd.DataFrame:
+    try:
+        steps = pd.read_csv(steps_csv)
+    except pd.errors.EmptyDataError:
+        raise BadRunFile(f"{steps_csv} (empty)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise BadRunFile(f"{steps_csv} (corrupt: {' '.join(str(exc).split())[:80]})") from None
+    if steps.empty:
+        raise BadRunFile(f"{steps_csv} (no steps)")
+    if missing := [c for c in REQUIRED_STEP_COLUMNS if c not in steps.columns]:
+        raise BadRunFile(f"{steps_csv} (corrupt: no column {', '.join(missing)})")
+    written = steps[REQUIRED_STEP_COLUMNS]
+    not_numbers = written.apply(pd.to_numeric, errors="coerce").isna() & written.notna()
+    if not_numbers.any().any() or written[NUMERIC_STEP_COLUMNS].isna().any().any():
+        raise BadRunFile(f"{steps_csv} (corrupt: a row with missing or non-numeric values)")
+    return steps
 
 
 def _gpu_of(run: dict) -> str:
@@ -98,8 +146,10 @@ def mean_ci95(values: np.ndarray) -> tuple[float, float | None]:
 
 
 def throughput_table(steps: pd.DataFrame) -> pd.DataFrame:
+    """Per arm and GPU model (runs on other hardware never pool): filtered and aggregate kt/s, and ``vs_fastest``
+    against the fastest arm of the same experiment on the same GPU model."""
     rows = []
-    for arm, group in steps.groupby(ARM_KEYS, dropna=False, sort=True):
+    for (*arm, gpu), group in steps.groupby([*ARM_KEYS, "gpu"], dropna=False, sort=True):
         timed = group[group["warmup"] == 0]
         if timed.empty:
             continue
@@ -115,33 +165,37 @@ def throughput_table(steps: pd.DataFrame) -> pd.DataFrame:
             "kt_s_iqr": filtered.iqr,
             "kt_s_aggregate": float(len(timed) * tokens_per_step / timed["step_time_s"].sum() / 1000),
             "strategy": group["strategy"].iloc[0],
-            "gpu": group["gpu"].iloc[0],
+            "gpu": gpu,
         })
     table = pd.DataFrame(rows)
     if not table.empty:
-        baseline = table.groupby("experiment")["kt_s_aggregate"].transform("max")
+        baseline = table.groupby(["experiment", "gpu"])["kt_s_aggregate"].transform("max")
         table["vs_fastest"] = table["kt_s_aggregate"] / baseline
     return table
 
 
 def loss_table(steps: pd.DataFrame) -> pd.DataFrame:
-    """Per arm: the published metric over each run's own last steps, and the same metric over the last steps that
-    every run of the experiment reached (``common_steps``), so arms of unequal length compare at equal steps."""
-    common_end = steps.groupby(["experiment", "run_id"])["step"].max().groupby("experiment").min() + 1
+    """Per arm and GPU model: the published metric over each run's own last steps, and the same metric over the last
+    steps that every run of the experiment on that GPU model reached (``common_steps``), so arms of unequal length
+    compare at equal steps and a run on other hardware changes no other row. The ``gpu`` column is there when an
+    arm ran on more than one GPU model (to tell its rows apart)."""
+    common_end = steps.groupby(["experiment", "gpu", "run_id"])["step"].max().groupby(["experiment", "gpu"]).min() + 1
     rows = []
-    for arm, group in steps.groupby(ARM_KEYS, dropna=False, sort=True):
+    for (*arm, gpu), group in steps.groupby([*ARM_KEYS, "gpu"], dropna=False, sort=True):
         runs = [run.sort_values("step") for _, run in group.groupby("run_id")]
         mean, half = mean_ci95(np.array([run.tail(LAST_STEPS)["loss"].mean() for run in runs]))
-        end = int(common_end[arm[0]])
+        end = int(common_end[(arm[0], gpu)])
         start = max(0, end - LAST_STEPS)
         common = np.mean([run[(run["step"] >= start) & (run["step"] < end)]["loss"].mean() for run in runs])
         rows.append({**_arm(arm), "seeds": len(runs), "steps": int(group["step"].max()) + 1,
                      f"loss_last{LAST_STEPS}": mean, "ci95": half, "common_steps": f"{start}-{end - 1}",
-                     "loss_common": float(common)})
-    return pd.DataFrame(rows)
+                     "loss_common": float(common), "gpu": gpu})
+    table = pd.DataFrame(rows)
+    shared_arm = not table.empty and table.duplicated(ARM_KEYS).any()
+    return table if shared_arm else table.drop(columns="gpu", errors="ignore")
 
 
-SCALING_KEYS = ["experiment", "impl", "init", "grouping", "seed", "global_bsz"]
+SCALING_KEYS = ["experiment", "impl", "init", "grouping", "seed", "global_bsz", "gpu"]
 SCALING_STEPS = 200  # issue 9: losses of 1 and N GPUs compared over the first 200 steps
 SMOOTH = 25
 
@@ -153,9 +207,10 @@ def _aggregate_kt(run: pd.DataFrame) -> float:
 
 
 def scaling_table(steps: pd.DataFrame) -> pd.DataFrame:
-    """Runs that differ only in their GPU count (same arm, seed and global batch): kt/s per world size, the speedup
-    over the fewest GPUs and its efficiency, and how far the losses of the first ``SCALING_STEPS`` steps are from
-    the fewest GPUs' run (mean |difference| per step, and the largest |difference| of their SMOOTH-step means)."""
+    """Runs that differ only in their GPU count (same arm, seed, global batch and GPU model): kt/s per world size,
+    the speedup over the fewest GPUs and its efficiency, and how far the losses of the first ``SCALING_STEPS`` steps
+    are from the fewest GPUs' run (mean |difference| per step, and the largest |difference| of their SMOOTH-step
+    means)."""
     frame = steps.assign(global_bsz=steps["bsz"] * steps["world_size"])
     rows = []
     for key, group in frame.groupby(SCALING_KEYS, dropna=False, sort=True):
@@ -172,7 +227,7 @@ def scaling_table(steps: pd.DataFrame) -> pd.DataFrame:
             diff = run.loc[common, "loss"] - base.loc[common, "loss"]
             smooth = diff.rolling(SMOOTH, min_periods=1).mean().abs()
             rows.append({**dict(zip(SCALING_KEYS, key, strict=True)), "world_size": ws,
-                         "bsz_per_gpu": int(run["bsz"].iloc[0]), "gpu": run["gpu"].iloc[0], "kt_s_aggregate": kt,
+                         "bsz_per_gpu": int(run["bsz"].iloc[0]), "kt_s_aggregate": kt,
                          "speedup": kt / base_kt, "efficiency": kt / base_kt * base_ws / ws,
                          "loss_steps": f"0-{int(common.max())}" if len(common) else "–",
                          "loss_mean_abs_diff": float(diff.abs().mean()) if len(common) else np.nan,
@@ -326,42 +381,52 @@ def overhead_markdown(results_dir: Path) -> list[str]:
     ]
 
 
+def _heading(rows: Series) -> str:
+    """Nothing for a CSV's first series (the published one), its device and set-up in brackets for the others."""
+    return f" ({rows.title})" if rows.suffix else ""
+
+
 def kernels_markdown(results_dir: Path) -> list[str]:
-    """Which WKV kernel is fastest where (results/bench/kernels.csv, ``python -m harness.bench kernels``)."""
+    """Which WKV kernel is fastest where (results/bench/kernels.csv, ``python -m harness.bench kernels``), one section
+    per device and set-up, so rows of another device never change the published table."""
     path = results_dir / "bench" / "kernels.csv"
     if not path.exists():
         return []
-    frame = wkv_op_report.read_csv(path)
-    first = frame.iloc[0]
-    return [
-        "### WKV op: fastest kernel per shape",
-        f"From results/bench/kernels.csv (`python -m harness.bench kernels`; times and errors in "
-        f"results/bench/kernels.md): bf16, N={first['N']}, {device_label(first)}, commit "
-        f"{str(first['git_commit'])[:8]}. {wkv_op_report.FASTEST_NOTE}",
-        wkv_op_report.fastest_markdown(frame),
-    ]
+    lines = []
+    for rows in wkv_op_report.series(path):
+        first = rows.frame.iloc[0]
+        lines += [
+            f"### WKV op: fastest kernel per shape{_heading(rows)}",
+            f"From results/bench/kernels.csv (`python -m harness.bench kernels`; times and errors in "
+            f"results/bench/kernels{rows.suffix}.md): bf16, N={first['N']}, {device_label(first)}, commit "
+            f"{str(first['git_commit'])[:8]}. {wkv_op_report.FASTEST_NOTE}",
+            wkv_op_report.fastest_markdown(rows.frame),
+        ]
+    return lines
 
 
 def inference_markdown(results_dir: Path) -> list[str]:
-    """Decode latency and state size vs context (results/bench/inference.csv, ``python -m harness.bench inference``)."""
+    """Decode latency and state size vs context (results/bench/inference.csv, ``python -m harness.bench inference``),
+    one table per device and set-up; then the operators per decode step (every distinct row of inference_ops.csv)."""
     path = results_dir / "bench" / "inference.csv"
     if not path.exists():
         return []
-    frame = decoding_report.read_csv(path)
-    first = frame.iloc[0]
-    lines = [
-        "### Decoding: per-token latency and state vs context length",
-        f"From results/bench/inference.csv (`python -m harness.bench inference`): {first['size']}, {first['dtype']}, "
-        f"{device_label(first)}, commit {str(first['git_commit'])[:8]}. `decode_ms_L*`: median ms per "
-        f"decode step after a prefill of L tokens; `state_mib`: the measured state or KV cache and "
-        f"`decode_peak_mib`: peak allocated memory over the weights while decoding, both at `at_L`.",
-        markdown_table(decoding_report.summary_table(frame)),
-    ]
+    lines = []
+    for rows in decoding_report.series(path):
+        first = rows.frame.iloc[0]
+        lines += [
+            f"### Decoding: per-token latency and state vs context length{_heading(rows)}",
+            f"From results/bench/inference.csv (`python -m harness.bench inference`): {first['size']}, "
+            f"{first['dtype']}, {device_label(first)}, commit {str(first['git_commit'])[:8]}. `decode_ms_L*`: median "
+            f"ms per decode step after a prefill of L tokens; `state_mib`: the measured state or KV cache and "
+            f"`decode_peak_mib`: peak allocated memory over the weights while decoding, both at `at_L`.",
+            markdown_table(decoding_report.summary_table(rows.frame)),
+        ]
     ops_path = results_dir / "bench" / "inference_ops.csv"
     if ops_path.exists():
         lines += ["Operators one decode step dispatches (results/bench/inference_ops.csv, "
                   "`python -m harness.bench inference --count-ops device=cpu dtype=fp32 impls=reference`; on a GPU "
-                  "each is about one kernel launch):", markdown_table(pd.read_csv(ops_path))]
+                  "each is about one kernel launch):", markdown_table(pd.read_csv(ops_path).drop_duplicates())]
     return lines
 
 
@@ -460,9 +525,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--impl", action="append", help="only this impl (repeatable)")
     parser.add_argument("--baseline", default="rwkv_jit", help="impl the loss gap is measured against")
     parser.add_argument("--csv", action="store_true", help="also write the tables as CSV")
-    parser.add_argument("--no-readme", action="store_true", help="do not refresh the README summary blocks")
+    parser.add_argument("--readme", action="store_true",
+                        help="also refresh the summary blocks of README.md and README.zh-CN.md (publishing)")
+    parser.add_argument("--no-readme", action="store_true", help=argparse.SUPPRESS)  # the default now; old scripts
     args = parser.parse_args(argv)
-    readmes = () if args.no_readme else (Path("README.md"), Path("README.zh-CN.md"))
+    readmes = (Path("README.md"), Path("README.zh-CN.md")) if args.readme else ()
     with exit_on_user_error():
         if not args.results.is_dir():
             raise HarnessError(f"results directory {args.results} does not exist")
