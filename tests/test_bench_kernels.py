@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from cli_support import assert_one_line_user_error
+from helpers import assert_one_line_user_error
 
 from harness.bench import wkv_op as bk
 from harness.bench import wkv_op_report
@@ -167,7 +167,7 @@ def test_gpu_tiny_grid_times_and_scores_every_kernel(tmp_path: Path) -> None:
         ("fla_recurrent", "fwd"), ("reference", "fwd"), ("reference", "fwdbwd")}
     for kernel, bound in GPU_BOUNDS.items():
         rows = frame[frame["kernel"] == kernel]
-        errors = rows[[c for c in bk.FIELDS if c.startswith("rel_err_")]].stack()
+        errors = rows[[c for c in bk.FIELDS if c.startswith("rel_err_")]].stack().dropna()  # fwd rows: no gradients
         assert (errors < bound).all(), (kernel, errors[errors >= bound])
     assert (tmp_path / "kernels_quick.png").read_bytes().startswith(PNG_MAGIC)
 

@@ -4,22 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_close, perturb, rel_err
 
 import impls
 from impls import reference
 
 C, N_LAYER, HEAD = 256, 4, 64
-
-
-def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-def perturbed_bf16_state(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
-    """The module's weights plus noise (so zero-initialised LoRAs matter), rounded to bf16 values."""
-    g = torch.Generator().manual_seed(seed)
-    return {name: (p + 0.1 * torch.randn(p.shape, generator=g)).bfloat16().float()
-            for name, p in module.state_dict().items()}
 
 
 @pytest.mark.parametrize("name", ["rwkv", "rwkv_jit"])
@@ -54,7 +44,7 @@ def test_torchscript_failure_is_reported_in_one_line(monkeypatch: pytest.MonkeyP
 def test_bf16_time_mix_matches_fp64_reference(layer_id: int) -> None:
     torch.manual_seed(layer_id)
     ref = reference.TimeMix(layer_id, N_LAYER, C, HEAD)
-    state = perturbed_bf16_state(ref, seed=layer_id)
+    state = perturb(ref.state_dict(), seed=layer_id)
     ref.load_state_dict(state)
     ref.to("cuda", torch.float64)
     mix = impls.get("rwkv").time_mix(layer_id, N_LAYER, C, HEAD)
@@ -71,23 +61,25 @@ def test_bf16_time_mix_matches_fp64_reference(layer_id: int) -> None:
     out.backward(grad)
     out_ref.backward(grad.double())
 
-    errors = {"out": rel(out, out_ref), "v_first": rel(v_out, v_out_ref), "dx": rel(x.grad, x_ref.grad)}
+    label = f"layer {layer_id}"
+    errors = assert_close({"out": out.detach(), "v_first": v_out}, {"out": out_ref.detach(), "v_first": v_out_ref},
+                          2e-2, label)
+    errors |= assert_close({"dx": x.grad}, {"dx": x_ref.grad}, 5e-2, label)
     print(f"layer {layer_id} relative errors vs fp64: " + " ".join(f"{k}={v:.2e}" for k, v in errors.items()))
-    assert errors["out"] <= 2e-2 and errors["v_first"] <= 2e-2 and errors["dx"] <= 5e-2, errors
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("module", ["time_mix", "channel_mix"])
 def test_jit_forward_equals_eager_then_stays_within_bf16_of_fp64(module: str) -> None:
-    """TorchScript's profiling runs are bit-identical to eager. Once its fuser takes over (third call) the fused
-    elementwise chains skip the per-op bf16 rounding, so the output moves at bf16 level: it is then held to the same
-    fp64 tolerance as eager."""
+    """TorchScript's first (profiling) run is bit-identical to eager. Once its fuser takes over (from the second call
+    on torch 2.11, the third on older ones) the fused elementwise chains skip the per-op bf16 rounding, so the output
+    moves at bf16 level: from then on it is held to the same fp64 tolerance as eager."""
     torch.manual_seed(0)
     args = (1, N_LAYER, C, HEAD) if module == "time_mix" else (1, N_LAYER, C)
     eager = getattr(impls.get("rwkv"), module)(*args)
     jit = getattr(impls.get("rwkv_jit"), module)(*args)
     ref = reference.TimeMix(*args) if module == "time_mix" else reference.ChannelMix(*args)
-    state = perturbed_bf16_state(eager, seed=1)
+    state = perturb(eager.state_dict(), seed=1)
     for mod, dtype in ((eager, torch.bfloat16), (jit, torch.bfloat16), (ref, torch.float64)):
         mod.load_state_dict(state)
         mod.to("cuda", dtype)
@@ -102,7 +94,7 @@ def test_jit_forward_equals_eager_then_stays_within_bf16_of_fp64(module: str) ->
     expected_fp64 = run(ref, *(t.detach().double() for t in inputs))
     for call in range(4):
         got = run(jit, *inputs)
-        error = rel(got, expected_fp64)
+        error = rel_err(got, expected_fp64)
         print(f"{module} JIT call {call}: bit-identical to eager={torch.equal(got, expected)}, "
-              f"rel vs fp64={error:.1e} (eager {rel(expected, expected_fp64):.1e})")
-        assert torch.equal(got, expected) if call < 2 else error <= 2e-2
+              f"rel vs fp64={error:.1e} (eager {rel_err(expected, expected_fp64):.1e})")
+        assert torch.equal(got, expected) if call == 0 else error <= 2e-2

@@ -11,7 +11,7 @@
 # HEAD_LABEL names HEAD's rows (rwkv_lm-<label>; its export carries no commit), BATCHES the batch sizes. HEAD builds
 # its eight extensions on a thread pool at the first import (about 75 s), dc6c3ec its one; later rows reuse them.
 # Back under $OUT: step.csv and step.jsonl (the committed files plus the new rows: copy them over results/bench/),
-# one log per row, and the autotune choices (results/autotune/*.json).
+# anchors.log (every row's output, one after another) and the autotune choices (results/autotune/*.json).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/device/setup.sh
@@ -36,11 +36,13 @@ for bsz in $BATCHES; do
     left=$(( BUDGET_S - ($(date +%s) - start_all) ))
     if [ "$left" -lt 45 ]; then echo "=== $arm bsz=$bsz: skipped, ${left} s of the call left"; continue; fi
     start=$(date +%s)
-    log="$OUT/step-$arm-bsz$bsz.log"
+    log="/tmp/step-$arm-bsz$bsz.log"  # $OUT takes 8 files: the rows' logs go into one
     arm_args "$arm"
     timeout $(( left < STEP_TIMEOUT_S ? left : STEP_TIMEOUT_S )) python3 -m harness.bench step "${ARGS[@]}" \
       bsz="$bsz" > "$log" 2>&1
-    echo "=== $arm bsz=$bsz: exit $?, $(( $(date +%s) - start )) s: $(grep -E 'kt/s|^error' "$log" | tail -1)"
+    status=$?
+    { echo "=== $arm bsz=$bsz"; cat "$log"; } >> "$OUT/anchors.log"
+    echo "=== $arm bsz=$bsz: exit $status, $(( $(date +%s) - start )) s: $(grep -E 'kt/s|^error' "$log" | tail -1)"
     cp results/bench/step.csv results/bench/step.jsonl "$OUT/"  # after each row: a later timeout keeps these
   done
 done
