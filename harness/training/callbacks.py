@@ -376,6 +376,10 @@ class _ShowsLastRow:
     def get_metrics(self, trainer, pl_module) -> dict:
         return {**super().get_metrics(trainer, pl_module), **self.recorder.shown}
 
+    def _get_train_description(self, current_epoch: int) -> str:
+        """The Rich bar's label: "train", not "Epoch 0/-2" (a run is one epoch without end, max_epochs=-1)."""
+        return "train"
+
 
 def progress_bar(refresh_steps: int, recorder: StepRecorder) -> Callback:
     """Lightning's own choice of bar (Rich when installed), redrawn every ``refresh_steps`` steps: drawing costs host
