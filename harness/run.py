@@ -29,7 +29,7 @@ def check_command_line(argv: list[str]) -> None:
 
 @hydra.main(config_path=str(CONF_DIR), config_name=CONFIG_NAME, version_base="1.3")
 def _main(cfg: DictConfig) -> None:
-    from harness.training.callbacks import format_throughput
+    from harness.tables import format_throughput
     from harness.training.trainer import train
 
     with exit_on_user_error():

@@ -1,13 +1,10 @@
-"""Shared pytest set-up: the ``gpu`` marker, skipped where no CUDA device is visible."""
+"""Shared pytest set-up: tests marked ``gpu`` (the marker is declared in pyproject.toml) are skipped where no CUDA
+device is visible. Shared helpers live in tests/helpers.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped when torch.cuda.is_available() is False")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,13 +1,11 @@
 """python -m harness.convert: RWKV-LM <-> FLA directory <-> harness checkpoint, the harness checkpoint format."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from fla_support import FLA, needs_fla
+from helpers import FLA, assert_process_user_error, assert_user_error, needs_fla, perturb, run_module
 from safetensors.torch import load_file, save_file
 
 import impls
@@ -22,16 +20,13 @@ from impls.init import value_residual_init
 L, C, N, V = 3, 128, 64, 1000
 CFG = ModelConfig(n_layer=L, n_embd=C, head_size=N, vocab_size=V)
 LAYER0_UNUSED_NAMES = {f"blocks.0.att.{n}" for n in LAYER0_UNUSED}
-REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.filterwarnings("ignore:According to Bo")
 
 
 def perturbed(dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, torch.Tensor]:
     """RWKV-LM-named weights with noise everywhere, so every transpose and reshape is visible."""
-    g = torch.Generator().manual_seed(seed)
-    return {k: (v + 0.05 * torch.randn(v.shape, generator=g)).to(dtype)
-            for k, v in rwkv_lm_state_dict(L, C, N, V, seed).items()}
+    return {k: v.to(dtype) for k, v in perturb(rwkv_lm_state_dict(L, C, N, V, seed), seed).items()}
 
 
 def convert(*args: object) -> int:
@@ -255,24 +250,21 @@ def test_user_errors_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, cas
     *args, fragment = case(tmp_path)
     capsys.readouterr()
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    assert convert(*args) == 2
+    code = convert(*args)
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.count("\n") == 1 and captured.err.startswith("error: ") and fragment in captured.err
+    assert_user_error(code, captured.err, fragment)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 def test_cli_runs_as_module_and_fails_without_traceback(tmp_path):
     torch.save(perturbed(), tmp_path / "in.pth")
-    ok = subprocess.run([sys.executable, "-m", "harness.convert", str(tmp_path / "in.pth"), str(tmp_path / "fla")],
-                        cwd=REPO, capture_output=True, text=True)
+    ok = run_module("harness.convert", tmp_path / "in.pth", tmp_path / "fla")
     assert ok.returncode == 0 and "wrote" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "harness.convert", str(tmp_path / "in.pth"), str(tmp_path / "fla")],
-                         cwd=REPO, capture_output=True, text=True)
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(bad.stderr.splitlines()) == 1
-    usage = subprocess.run([sys.executable, "-m", "harness.convert", "--dtype", "fp64", "a", "b"],
-                           cwd=REPO, capture_output=True, text=True)
-    assert usage.returncode == 2 and len(usage.stderr.splitlines()) == 1
+    assert_process_user_error(run_module("harness.convert", tmp_path / "in.pth", tmp_path / "fla"),
+                              "exists; pass --force")
+    assert_process_user_error(run_module("harness.convert", "--dtype", "fp64", "a", "b"),
+                              "argument --dtype: invalid choice")
 
 
 def test_checkpoint_records_impl_and_config_and_refuses_other_impls(tmp_path):

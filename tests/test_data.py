@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import REPO, assert_process_user_error, run_module
 
 from harness.data.binidx import (
     BinIdx,
@@ -27,8 +28,6 @@ from harness.data.binidx import (
     window_start,
     write_binidx,
 )
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def make_data(tmp_path: Path, num_tokens: int = 4000, name: str = "d") -> BinIdx:
@@ -264,8 +263,7 @@ def test_bundled_sample_loads_and_matches_its_checksums():
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness.data", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    return run_module("harness.data", *args, timeout=120)
 
 
 @pytest.fixture
@@ -327,13 +325,11 @@ def test_prepare_bad_input_is_one_line_and_writes_nothing(tmp_path, tokenizer, n
         (tmp_path / name).write_bytes(content)
     before = set(tmp_path.iterdir())
     proc = run_cli("prepare", str(good), str(tmp_path / name), "--out", str(tmp_path / "out"))
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr and set(tmp_path.iterdir()) == before
+    assert_process_user_error(proc, fragment)
+    assert set(tmp_path.iterdir()) == before
 
 
 def test_info_on_a_corrupt_index_is_one_line(tmp_path):
     corrupt(tmp_path, "magic")
     proc = run_cli("info", str(tmp_path / "c"))
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "bad magic" in proc.stderr
+    assert_process_user_error(proc, "bad magic")

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
-from fla_support import FLA, needs_fla
+from helpers import FLA, needs_fla, perturb, rel_err
 from torch import nn
 
 import impls
-from harness.bench.parity import capture, per_layer_grad_errors, perturb, rel
+from harness.bench.parity import capture, per_layer_grad_errors
 from harness.model.init import rwkv_lm_state_dict
 from harness.model.rwkv import RWKV, ModelConfig
 from impls.base import LAYER0_UNUSED, to_canonical
@@ -127,7 +127,7 @@ def test_fla_matches_reference_on_gpu(n_layer, fuse_norm):
     idx, targets = (torch.randint(0, V, (B, T), generator=g).cuda() for _ in range(2))
     runs = {name: capture(model, idx, targets) for name, model in models.items()}
     want, got, bf16 = runs["reference"], runs["fla"], runs["reference_bf16"]
-    errors = {n: (rel(got[n], want[n]), rel(bf16[n], want[n])) for n in got if n in want}
+    errors = {n: (rel_err(got[n], want[n]), rel_err(bf16[n], want[n])) for n in got if n in want}
     layer_errors = list(zip(per_layer_grad_errors(got, want, n_layer), per_layer_grad_errors(bf16, want, n_layer),
                             strict=True))
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_one_line_user_error, perturb, rel_err
 
 import impls
 from harness.bench import decoding as inference
@@ -34,25 +35,13 @@ TINY = ["device=cpu", "dtype=fp32", "impls=reference", "n_layer=2", "n_embd=64",
         "lengths=8,16", "batches=1,2", "decode_warmup=1", "decode_tokens=4", "prefill_reps=1"]
 
 
-def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-def perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Add bf16-representable noise to every parameter, so that zero-initialised matrices (time-mix output,
-    channel-mix value, LoRA halves) carry signal."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_((p + 0.1 * torch.randn(p.shape, generator=g)).bfloat16().float())
-    return model
-
-
 def rwkv_model(impl: str = "reference", n_layer: int = 3, n_embd: int = 64, head_size: int = 32,
                vocab: int = 97) -> RWKV:
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=n_layer, n_embd=n_embd, head_size=head_size, vocab_size=vocab, ctx_len=256)
-    return perturb(RWKV(impls.get(impl), cfg), seed=1).eval()
+    model = RWKV(impls.get(impl), cfg)
+    model.load_state_dict(perturb(model.state_dict(), seed=1))
+    return model.eval()
 
 
 def tokens(batch: int, length: int, vocab: int, device: str = "cpu") -> torch.Tensor:
@@ -79,12 +68,12 @@ def test_rwkv_steps_match_parallel_forward_and_its_state() -> None:
     decoder = RWKVDecoder(model, BACKENDS["reference"])
     parallel = model(idx)
     stepped, state = decode_all(decoder, idx, prompt=5)
-    assert rel(stepped, parallel[:, 4:]) < 1e-4
+    assert rel_err(stepped, parallel[:, 4:]) < 1e-4
     _, long_pass = decoder.prefill(idx)
     for name, got, want in zip(("att_x", "ffn_x", "wkv"), (state.att_x, state.ffn_x, state.wkv),
                                (long_pass.att_x, long_pass.ffn_x, long_pass.wkv), strict=True):
         for layer, (g, w) in enumerate(zip(got, want, strict=True)):
-            assert rel(g, w) < 1e-5, (name, layer)
+            assert rel_err(g, w) < 1e-5, (name, layer)
     assert state.wkv[0].dtype == torch.float32 and state.wkv[0].shape == (2, 2, 32, 32)
 
 
@@ -123,7 +112,7 @@ def test_transformer_cached_decoding_matches_uncached_forward() -> None:
     model = CausalTransformer(vocab=97, n_layer=2, n_embd=64, head_size=32, mlp_width=128).eval()
     idx = tokens(2, 12, 97)
     stepped, cache = decode_all(model, idx, prompt=5)
-    assert rel(stepped, model(idx)[:, 4:]) < 1e-5
+    assert rel_err(stepped, model(idx)[:, 4:]) < 1e-5
     assert int(cache.pos) == 12
     assert sum(t.numel() * t.element_size() for t in cache.tensors()) == model.analytic_state_bytes(2, 12) \
         == 2 * 2 * 2 * 12 * 64 * 4
@@ -150,8 +139,8 @@ def test_lstm_steps_match_full_sequence() -> None:
     idx = tokens(2, 10, 97)
     stepped, state = decode_all(model, idx, prompt=4)
     full, full_state = model(idx)
-    assert rel(stepped, full[:, 3:]) < 1e-5
-    assert rel(state.h, full_state.h) < 1e-5 and rel(state.c, full_state.c) < 1e-5
+    assert rel_err(stepped, full[:, 3:]) < 1e-5
+    assert rel_err(state.h, full_state.h) < 1e-5 and rel_err(state.c, full_state.c) < 1e-5
     assert state.h.shape == (3, 2, 64)
     measured = sum(t.numel() * t.element_size() for t in state.tensors())
     assert measured == model.analytic_state_bytes(2) == 3 * 2 * 2 * 64 * 4
@@ -258,8 +247,8 @@ def test_compiled_decode_steps_match_the_eager_ones(name: str) -> None:
     idx = tokens(2, 12, 97)
     expected, expected_state = decode_all(eager, idx, prompt=6)
     got, got_state = decode_all(compiled, idx, prompt=6)
-    assert rel(got, expected) < 1e-5
-    assert max(rel(g, e) for g, e in zip(got_state.tensors(), expected_state.tensors(), strict=True)) < 1e-5
+    assert rel_err(got, expected) < 1e-5
+    assert max(rel_err(g, e) for g, e in zip(got_state.tensors(), expected_state.tensors(), strict=True)) < 1e-5
 
 
 def test_compile_adds_a_compiled_twin_of_every_model(tmp_path: Path) -> None:
@@ -355,10 +344,7 @@ def test_resume_keeps_rows_of_this_gpu_only_and_failures_block_longer_contexts(t
                                                                          reason="a GPU is visible")),
 ])
 def test_bad_configurations_are_one_line_errors(words: list[str], message: str, tmp_path: Path, capsys) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        bench_main(["inference", *TINY, *words, f"out={tmp_path}"])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
+    assert_one_line_user_error(lambda: bench_main(["inference", *TINY, *words, f"out={tmp_path}"]), message, capsys)
 
 
 # --- GPU ----------------------------------------------------------------------------------------------------------
@@ -378,11 +364,11 @@ def test_rwkv_cuda_prefill_and_steps_match_parallel_forward_in_bf16() -> None:
     want = gpu_rwkv("reference", torch.float32)(idx)
     stepped, state = decode_all(RWKVDecoder(gpu_rwkv("rwkv", torch.bfloat16), BACKENDS["rwkv"]), idx, prompt=48)
     _, want_state = decode_all(RWKVDecoder(gpu_rwkv("reference", torch.float32), BACKENDS["reference"]), idx, 48)
-    step_err, parallel_err = rel(stepped, parallel[:, 47:]), rel(parallel[:, 47:], want[:, 47:])
-    state_err = max(rel(g, w) for g, w in zip(state.wkv, want_state.wkv, strict=True))
-    print(f"\nbf16 steps vs bf16 parallel {step_err:.2e}; vs fp32 {rel(stepped, want[:, 47:]):.2e}; "
+    step_err, parallel_err = rel_err(stepped, parallel[:, 47:]), rel_err(parallel[:, 47:], want[:, 47:])
+    state_err = max(rel_err(g, w) for g, w in zip(state.wkv, want_state.wkv, strict=True))
+    print(f"\nbf16 steps vs bf16 parallel {step_err:.2e}; vs fp32 {rel_err(stepped, want[:, 47:]):.2e}; "
           f"bf16 parallel vs fp32 {parallel_err:.2e}; WKV state vs fp32 {state_err:.2e}")
-    assert step_err < 2e-2 and rel(stepped, want[:, 47:]) < max(3 * parallel_err, 2e-2) and state_err < 3e-2
+    assert step_err < 2e-2 and rel_err(stepped, want[:, 47:]) < max(3 * parallel_err, 2e-2) and state_err < 3e-2
 
 
 @pytest.mark.gpu
@@ -392,11 +378,11 @@ def test_fla_chunk_prefill_and_recurrent_steps_match_reference() -> None:
     want, want_state = decode_all(RWKVDecoder(gpu_rwkv("reference", torch.float32), BACKENDS["reference"]), idx, 96)
     got, state = decode_all(RWKVDecoder(gpu_rwkv("reference", torch.bfloat16), BACKENDS["fla"]), idx, 96)
     plain, _ = decode_all(RWKVDecoder(gpu_rwkv("reference", torch.bfloat16), BACKENDS["reference"]), idx, 96)
-    state_err = max(rel(g, w) for g, w in zip(state.wkv_value_major(), want_state.wkv, strict=True))
-    print(f"\nfla bf16 vs fp32 reference: logits {rel(got, want):.2e} (reference bf16 {rel(plain, want):.2e}), "
+    state_err = max(rel_err(g, w) for g, w in zip(state.wkv_value_major(), want_state.wkv, strict=True))
+    print(f"\nfla bf16 vs fp32 reference: logits {rel_err(got, want):.2e} (reference bf16 {rel_err(plain, want):.2e}), "
           f"WKV state {state_err:.2e}")
     assert state.wkv[0].shape == (2, 4, 64, 64) and state.key_major
-    assert rel(got, want) < max(5 * rel(plain, want), 3e-2) and state_err < 3e-2
+    assert rel_err(got, want) < max(5 * rel_err(plain, want), 3e-2) and state_err < 3e-2
 
 
 def gpu_decoders() -> dict[str, object]:
@@ -425,8 +411,9 @@ def test_compiled_step_as_a_cuda_graph_matches_the_eager_step(name: str) -> None
         expected = eager.step(token, state)
     replay()
     torch.cuda.synchronize()
-    assert rel(out, expected) < 3e-2
-    assert max(rel(c.float(), e.float()) for c, e in zip(compiled_state.tensors(), state.tensors(), strict=True)) < 3e-2
+    assert rel_err(out, expected) < 3e-2
+    pairs = zip(compiled_state.tensors(), state.tensors(), strict=True)
+    assert max(rel_err(c.float(), e.float()) for c, e in pairs) < 3e-2
 
 
 @pytest.mark.gpu
@@ -463,7 +450,7 @@ def test_cuda_graph_replay_decodes_like_eager_steps(name: str) -> None:
     eager_token, eager_state = run(graph=False)
     graph_token, graph_state = run(graph=True)
     assert torch.equal(eager_token, graph_token)
-    assert max(rel(g, e) for g, e in zip(graph_state, eager_state, strict=True)) < 1e-3
+    assert max(rel_err(g, e) for g, e in zip(graph_state, eager_state, strict=True)) < 1e-3
 
 
 @pytest.mark.gpu

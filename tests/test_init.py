@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from fla_support import FLA, needs_fla
+from helpers import FLA, needs_fla
 
 import impls
 from harness.model.init import apply_init, head_gain, rwkv_lm_state_dict

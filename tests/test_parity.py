@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from cli_support import assert_one_line_user_error
+from helpers import assert_one_line_user_error, perturb
 
 import impls
 from harness.bench import parity
@@ -38,12 +38,12 @@ def test_reference_fp32_matches_fp64_at_every_layer_and_gradient() -> None:
 
 def test_perturbation_gives_every_matrix_signal_in_bf16() -> None:
     state = rwkv_lm_state_dict(2, 64, 32, 97, seed=0)
-    perturbed = parity.perturb(state, seed=1)
+    perturbed = perturb(state, seed=1)
     assert torch.count_nonzero(state["blocks.1.att.output.weight"]) == 0
     for name, tensor in perturbed.items():
         assert torch.count_nonzero(tensor) > 0, name
         assert torch.equal(tensor, tensor.bfloat16().float()), name
-    assert torch.equal(parity.perturb(state, seed=1)["head.weight"], perturbed["head.weight"])
+    assert torch.equal(perturb(state, seed=1)["head.weight"], perturbed["head.weight"])
 
 
 def test_cli_writes_csv_markdown_and_figure(tmp_path: Path, capsys) -> None:

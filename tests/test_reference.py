@@ -4,15 +4,12 @@ import math
 
 import pytest
 import torch
+from helpers import realistic_wkv_inputs, rel_err
 
 import impls
 from harness.model.init import rwkv_lm_state_dict
 from harness.model.rwkv import RWKV, ModelConfig, lm_loss
 from impls.reference import TimeMix, wkv7_reference
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def wkv_matrix_form(r, w, k, v, a, b):
@@ -30,24 +27,15 @@ def wkv_matrix_form(r, w, k, v, a, b):
     return y
 
 
-def realistic_wkv_inputs(B, T, H, N, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    r, k, v = (torch.randn(B, T, H, N, generator=g, dtype=dtype) for _ in range(3))
-    w = torch.randn(B, T, H, N, generator=g, dtype=dtype) * 2 - 2
-    kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, generator=g, dtype=dtype), dim=-1)
-    alpha = torch.rand(B, T, H, N, generator=g, dtype=dtype)
-    return r, w, k, v, -kk, kk * alpha
-
-
 def test_reference_wkv_matches_independent_fp64_loop():
-    inputs = realistic_wkv_inputs(2, 24, 2, 16)
+    inputs = realistic_wkv_inputs(2, 24, 2, 16, seed=0, dtype=torch.float64)
     y, _ = wkv7_reference(*inputs)
     assert y.dtype == torch.float64
     assert rel_err(y, wkv_matrix_form(*inputs)) < 1e-6
 
 
 def test_reference_wkv_state_carries_across_chunks():
-    inputs = realistic_wkv_inputs(1, 20, 2, 8)
+    inputs = realistic_wkv_inputs(1, 20, 2, 8, seed=0, dtype=torch.float64)
     full, final = wkv7_reference(*inputs)
     first, state = wkv7_reference(*(t[:, :12] for t in inputs))
     second, final_split = wkv7_reference(*(t[:, 12:] for t in inputs), state=state)
@@ -56,7 +44,7 @@ def test_reference_wkv_state_carries_across_chunks():
 
 
 def test_reference_wkv_fp32_close_to_fp64():
-    inputs = realistic_wkv_inputs(2, 64, 2, 32)
+    inputs = realistic_wkv_inputs(2, 64, 2, 32, seed=0, dtype=torch.float64)
     y64, _ = wkv7_reference(*inputs)
     y32, _ = wkv7_reference(*(t.float() for t in inputs))
     assert y32.dtype == torch.float32

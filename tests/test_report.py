@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import REPO, assert_process_user_error, run_module
 
 from harness.report.summary import (
     build_report,
@@ -22,7 +23,6 @@ from harness.report.summary import (
 )
 
 FIXTURE = Path(__file__).parent / "fixtures" / "results"
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_tukey_filter_matches_hand_computation():
@@ -118,9 +118,7 @@ def test_report_cli_subset_and_readme_embedding(tmp_path):
 
 
 def test_report_missing_results_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "harness.report", "--results", str(tmp_path / "none")],
-                          cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr
+    assert_process_user_error(run_module("harness.report", "--results", tmp_path / "none"), "does not exist")
 
 
 def test_an_experiment_mixing_corpora_is_flagged():

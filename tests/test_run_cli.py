@@ -10,17 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import REPO, assert_process_user_error, run_module
 
 from harness.data.binidx import write_binidx
 
-REPO = Path(__file__).resolve().parent.parent
 # A very small model so that the subprocess tests stay fast on 2 cores.
 SMALL = ["impl=reference", "model=tiny", "model.n_embd=64", "model.head_size=32", "model.ctx_len=32", "bsz=2"]
 
 
 def run_harness(args: list[str], results: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness.run", f"results_dir={results}", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_module("harness.run", f"results_dir={results}", *args, timeout=timeout)
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -29,11 +28,7 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, fragment: str, results: Path) -> None:
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error:") and fragment in lines[0], lines[0]
-    assert "Traceback" not in proc.stdout + proc.stderr
+    assert_process_user_error(proc, fragment)
     assert not results.exists() or not any(results.rglob("steps.csv")), "a failed start must leave no results"
 
 

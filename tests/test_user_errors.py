@@ -21,7 +21,7 @@ import impls
 from harness.data import binidx
 from harness.data.binidx import BinIdx, DataError, check_token_ids, token_range, write_binidx
 from harness.model.rwkv import RWKV, ModelConfig, count_parameters
-from harness.training.callbacks import format_throughput
+from harness.tables import format_throughput
 from harness.training.memory import (
     BLOCK_SAVED_VALUES,
     available_memory,

@@ -15,6 +15,7 @@ from harness.config import BENCH_CONF_DIR, compose_config, dataclass_from
 from harness.env import environment
 from harness.errors import HarnessError, exit_on_user_error
 from harness.model.rwkv import ModelConfig
+from harness.tables import format_throughput
 
 Config = TypeVar("Config")
 # Commands that build an RWKV model -> the sizes of their config that must be at least 1, besides the model's.
@@ -61,7 +62,8 @@ def run_command(args: argparse.Namespace) -> None:
         return
     row = with_environment(step.measure(cfg), env := environment())
     path = step.append_row(row, env, out_dir)
-    print(f"{row['impl']} bsz={row['bsz']} ctx={row['ctx']}: {row['kt_per_s']} kt/s, {row['step_ms']} ms/step, "
+    speed = format_throughput(row["kt_per_s"])
+    print(f"{row['impl']} bsz={row['bsz']} ctx={row['ctx']}: {speed}, {row['step_ms']} ms/step, "
           f"peak {row['peak_mem_gib']} GiB on {row['gpu']} -> {path}")
 
 

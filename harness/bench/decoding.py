@@ -73,7 +73,6 @@ from harness.bench.grid import (
     guarded_measurement,
     resumable_rows,
     run_cells,
-    synchronize,
     with_environment,
 )
 from harness.env import environment
@@ -81,6 +80,7 @@ from harness.errors import HarnessError
 from harness.model.baselines import LSTMLM, CausalTransformer, matched_lstm_layers, matched_mlp_width
 from harness.model.decoding import BACKENDS, CompiledDecoder, Decoder, RWKVDecoder
 from harness.model.rwkv import RWKV, ModelConfig, count_parameters
+from harness.numerics import synchronize
 from impls.wkv7_cuda import CHUNK_LEN
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

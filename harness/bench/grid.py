@@ -95,11 +95,6 @@ def blocked_after_failures(kept: dict[tuple, dict[str, str]], swept: int, name: 
             if row["status"] != "ok" and not row["status"].startswith("skipped")}
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def free_memory(device: str) -> None:
     """Collect garbage and, on a GPU, hand cached blocks back (after an OOM or between large shapes)."""
     gc.collect()

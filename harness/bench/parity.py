@@ -34,6 +34,7 @@ from harness.errors import HarnessError
 from harness.figures import save_figure
 from harness.model.init import apply_init
 from harness.model.rwkv import RWKV, ModelConfig, lm_loss
+from harness.numerics import perturb, rel_err
 from harness.tables import markdown_table
 from impls.base import Implementation, to_canonical
 
@@ -61,17 +62,6 @@ class ParityConfig:
 
 
 # --- weights and capture ------------------------------------------------------------------------------------
-
-
-def perturb(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    """``state`` plus seeded noise of 0.1 x each tensor's std (at least 0.02), rounded to bf16 so every dtype
-    holds exactly the same weights; zero-initialised matrices then carry signal."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, t in state.items():
-        scale = max(0.1 * t.std().item(), 0.02) if t.numel() > 1 else 0.02
-        out[name] = (t + scale * torch.randn(t.shape, generator=g)).bfloat16().float()
-    return out
 
 
 def shared_weights(model: RWKV, seed: int) -> dict[str, torch.Tensor]:
@@ -127,18 +117,13 @@ def capture(model: RWKV, idx: torch.Tensor, targets: torch.Tensor) -> dict[str, 
     return {name: t.detach().double().cpu() for name, t in result.items()}
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| (0 when both are 0)."""
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 def per_layer_grad_errors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], n_layer: int) -> list[float]:
     """Relative error of all of a layer's time-mix parameter gradients together, each tensor scaled to unit norm."""
     errors = []
     for i in range(n_layer):
         names = [n for n in got if n.startswith(f"grad.blocks.{i}.att.") and n in want]
-        errors.append(rel(torch.cat([got[n].flatten() / want[n].norm() for n in names]),
-                          torch.cat([want[n].flatten() / want[n].norm() for n in names])))
+        errors.append(rel_err(torch.cat([got[n].flatten() / want[n].norm() for n in names]),
+                              torch.cat([want[n].flatten() / want[n].norm() for n in names])))
     return errors
 
 
@@ -163,7 +148,7 @@ def compare(runs: dict[str, dict[str, torch.Tensor]], n_layer: int) -> pd.DataFr
         for name in (n for n in want if n in got):
             quantity, layer, tensor = describe(name)
             rows.append({"quantity": quantity, "layer": layer, "tensor": tensor, "pair": f"{x}_vs_{y}",
-                         "rel_err": rel(got[name], want[name])})
+                         "rel_err": rel_err(got[name], want[name])})
         for layer, error in enumerate(per_layer_grad_errors(got, want, n_layer)):
             rows.append({"quantity": "att_param_grads", "layer": layer, "tensor": f"blocks.{layer}.att.*",
                          "pair": f"{x}_vs_{y}", "rel_err": error})

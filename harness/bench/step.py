@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 import impls
-from harness.bench.grid import BenchCsv, synchronize
+from harness.bench.grid import BenchCsv
 from harness.errors import HarnessError
 from harness.model.rwkv import RWKV, ModelConfig, lm_loss
+from harness.numerics import synchronize
 from harness.profiling import profile_summary
 
 FIELDS = ("timestamp", "impl", "bsz", "ctx", "n_layer", "n_embd", "vocab", "kt_per_s", "step_ms", "peak_mem_gib",
@@ -91,7 +92,7 @@ def measure(cfg: StepConfig) -> dict[str, object]:
     return {
         "impl": impl.name, "bsz": cfg.bsz, "ctx": cfg.ctx, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd,
         "vocab": cfg.vocab,
-        "kt_per_s": round(cfg.bsz * cfg.ctx * cfg.steps / wall / 1000, 2),
+        "kt_per_s": float(f"{cfg.bsz * cfg.ctx * cfg.steps / wall / 1000:.5g}"),  # a slow CPU is no 0.0
         "step_ms": round(wall / cfg.steps * 1000, 2),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "loss": round(float(loss), 4),

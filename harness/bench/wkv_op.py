@@ -55,7 +55,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from harness.bench.grid import (
@@ -66,11 +65,11 @@ from harness.bench.grid import (
     guarded_measurement,
     resumable_rows,
     run_cells,
-    synchronize,
     with_environment,
 )
 from harness.env import environment
 from harness.errors import HarnessError
+from harness.numerics import realistic_wkv_inputs, rel_err, synchronize
 from impls.reference import W_SCALE, log_decay, wkv7_reference
 from impls.triton_autotune import activate_for_fla
 
@@ -162,22 +161,6 @@ def kernel_inputs(kernel: Kernel, inputs: list[torch.Tensor]) -> list[torch.Tens
 # --- inputs and the fp64 reference --------------------------------------------------------------------------
 
 
-def realistic_wkv_inputs(B: int, T: int, H: int, N: int, seed: int, device: str = "cpu",
-                         dtype: torch.dtype = DTYPE) -> list[torch.Tensor]:
-    """r, w, k, v, a, b as RWKV-7's time-mix makes them: w a raw decay logit (mostly in (-5, 2)), a = -kk and
-    b = kk * alpha with kk unit-norm per head and alpha in (0, 1); drawn on ``device`` from ``seed``."""
-    g = torch.Generator(device=device).manual_seed(seed)
-
-    def randn() -> torch.Tensor:
-        return torch.randn((B, T, H, N), generator=g, device=device)
-
-    r, k, v = (randn().to(dtype) for _ in range(3))  # cast one by one: fp32 copies of all six would be 2x bigger
-    w = (-1.5 + 1.5 * randn()).to(dtype)
-    kk = F.normalize(randn(), dim=-1)
-    alpha = torch.sigmoid(randn())
-    return [r, w, k, v, (-kk).to(dtype), (kk * alpha).to(dtype)]
-
-
 def upstream_grad(like: torch.Tensor, seed: int) -> torch.Tensor:
     """A seeded N(0, 1) gradient for the output, in the inputs' dtype."""
     g = torch.Generator(device=like.device).manual_seed(seed + 1)
@@ -199,11 +182,6 @@ def fp64_reference(inputs: list[torch.Tensor], dy: torch.Tensor) -> tuple[torch.
     y = _segmented_reference(*leaves)
     grads = torch.autograd.grad(y, leaves, dy.double())
     return y.detach(), list(grads)
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """||x - ref|| / ||ref|| in fp64."""
-    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
 def kernel_errors(kernel: Kernel, op: Op, inputs: list[torch.Tensor], dy: torch.Tensor, y_ref: torch.Tensor,

@@ -20,18 +20,15 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from harness.errors import HarnessError
+from harness.numerics import synchronize
 from harness.profiling import profile_summary
 from harness.results import RunDir, StepLog, portable_path
+from harness.tables import format_throughput
 from harness.training.optim import LRSchedule, set_lr
 
 
 class NonFiniteLoss(HarnessError):
     pass
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 class LRScheduler(Callback):
@@ -246,13 +243,13 @@ class StepProfiler(_StepWindow):
         activities = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        _sync()
+        synchronize()
         self._profiler = torch.profiler.profile(activities=activities)
         self._profiler.__enter__()
         self._started = time.perf_counter()
 
     def _close(self) -> None:
-        _sync()
+        synchronize()
         self._wall = time.perf_counter() - self._started
         self._profiler.__exit__(None, None, None)
 
@@ -359,13 +356,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists():
         path.unlink()
-
-
-def format_throughput(kt_per_s: float) -> str:
-    """Three significant digits in kt/s, in tokens/s below 1 kt/s (a slow CPU's rate is no "0.0 kt/s")."""
-    value, unit = (kt_per_s, "kt/s") if kt_per_s >= 1 else (kt_per_s * 1000, "tokens/s")
-    decimals = max(0, 2 - math.floor(math.log10(value))) if value > 0 else 0
-    return f"{value:.{decimals}f} {unit}"
 
 
 class _ShowsLastRow:
