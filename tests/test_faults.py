@@ -185,7 +185,7 @@ def test_a_corrupt_steps_csv_at_resume_is_one_line_and_kept(clean, tmp_path, cor
 def init_file_for(results: Path, *overrides: str) -> Path:
     from hydra import compose, initialize_config_dir
 
-    from harness.training.trainer import plan_run, shared_init_file
+    from harness.training.plan import plan_run, shared_init_file
 
     with initialize_config_dir(version_base=None, config_dir=str(REPO / "conf")):
         cfg = compose("config", overrides=[f"results_dir={results}", *RUN, *overrides])

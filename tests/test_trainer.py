@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from harness.training.callbacks import ManualGarbageCollection, StepClock
-from harness.training.trainer import deepspeed_bf16_config, deepspeed_stage
+from harness.training.plan import deepspeed_stage
+from harness.training.strategy import deepspeed_bf16_config
 
 
 def fake_deepspeed(monkeypatch: pytest.MonkeyPatch, fields: dict) -> None:
@@ -46,7 +47,8 @@ def test_deepspeed_parses_the_strategy_the_trainer_builds():
     from deepspeed.runtime.config import DeepSpeedConfig
     from hydra import compose, initialize_config_dir
 
-    from harness.training.trainer import make_strategy, plan_run
+    from harness.training.plan import plan_run
+    from harness.training.strategy import make_strategy
 
     with initialize_config_dir(version_base=None, config_dir=str(Path(__file__).parents[1] / "conf")):
         cfg = compose("config", overrides=["impl=reference", "model=tiny", "trainer.precision=bf16-mixed"])
@@ -123,7 +125,7 @@ def test_cuda_marks_and_later_reads_never_synchronize():
 def test_overlap_comm_auto_is_on_only_with_several_gpus(world_size, overlap):
     from omegaconf import OmegaConf
 
-    from harness.training.trainer import deepspeed_knobs
+    from harness.training.plan import deepspeed_knobs
 
     knobs = OmegaConf.create({"overlap_comm": "auto", "contiguous_gradients": True})
     assert deepspeed_knobs(knobs, world_size) == {"overlap_comm": overlap, "contiguous_gradients": True}
@@ -182,7 +184,7 @@ def test_sync_free_clip_is_installed_only_for_zero_1_and_2(monkeypatch):
     from deepspeed.runtime.zero import stage_1_and_2
 
     from harness.training import sync_free_clip
-    from harness.training.trainer import install_sync_free_clip
+    from harness.training.strategy import install_sync_free_clip
 
     monkeypatch.setattr(stage_1_and_2.DeepSpeedZeroOptimizer, "unscale_and_clip_grads",
                         stage_1_and_2.DeepSpeedZeroOptimizer.unscale_and_clip_grads)
@@ -204,7 +206,8 @@ def test_gpu_optimizer_is_fused_unless_lightning_clips_under_mixed_precision(pre
     import torch
     from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
 
-    from harness.training.trainer import make_optimizer, plan_run
+    from harness.training.plan import plan_run
+    from harness.training.strategy import make_optimizer
 
     cfg = tiny_config()
     plan = dataclasses.replace(plan_run(cfg), strategy="single_device", accelerator="gpu", precision=precision)
@@ -221,7 +224,7 @@ def tiny_config():
 
 
 def tiny_plan():
-    from harness.training.trainer import plan_run
+    from harness.training.plan import plan_run
 
     return plan_run(tiny_config())
 

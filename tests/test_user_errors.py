@@ -248,7 +248,7 @@ def test_memory_check_false_lets_a_big_run_through_planning(tmp_path):
     from hydra import compose, initialize_config_dir
 
     from harness.errors import HarnessError
-    from harness.training.trainer import plan_run
+    from harness.training.plan import plan_run
 
     overrides = ["impl=reference", "model=tiny", "bsz=100000", "trainer=cpu", f"results_dir={tmp_path / 'r'}"]
     with initialize_config_dir(version_base=None, config_dir=str(REPO / "conf")):

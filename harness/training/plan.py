@@ -1,0 +1,202 @@
+"""A training run planned before anything is written: the config and the environment validated (impl, device,
+strategy, precision, model shape, data and its token ids, a writable results directory, the memory the run needs),
+each problem one line for the user."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import impls
+from harness.data.binidx import BinIdx, check_token_ids, default_data_prefix, validate_for_training
+from harness.errors import HarnessError
+from harness.model.rwkv import ModelConfig
+from harness.results import RunDir
+from harness.training.memory import available_memory, check_fits, estimate_training_memory
+from impls.base import Implementation
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything validated up front, before any file is written."""
+
+    impl: Implementation
+    model_cfg: ModelConfig
+    run_dir: RunDir
+    data_prefix: Path
+    data_tokens: int
+    magic_prime: int
+    micro_bsz: int
+    world_size: int
+    max_steps: int
+    accelerator: str
+    strategy: str
+    precision: str
+    deepspeed: dict
+    sync_free_clip: bool
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_bsz * self.world_size * self.model_cfg.ctx_len
+
+
+def resolve_impl(impl_cfg: DictConfig) -> Implementation:
+    return impls.get(impl_cfg.name, **{k: v for k, v in impl_cfg.items() if k != "name"})
+
+
+def resolve_data_prefix(path: str | None) -> Path:
+    return default_data_prefix() if path in (None, "", "sample") else Path(path).expanduser()
+
+
+def open_data(prefix: Path, hint: str | None) -> BinIdx:
+    """The binidx pair; when it is missing, the data config's hint says where to get it."""
+    missing = [p for p in (Path(f"{prefix}.bin"), Path(f"{prefix}.idx")) if not p.exists()]
+    if missing and hint:
+        raise HarnessError(f"{missing[0]} does not exist; {hint}")
+    return BinIdx(prefix)
+
+
+def plan_run(cfg: DictConfig) -> Plan:
+    """Validate the config and the environment; raise a one-line HarnessError for anything wrong."""
+    if not isinstance(cfg.bsz, int) or cfg.bsz <= 0:
+        raise HarnessError(f"bsz must be a positive integer, got {cfg.bsz!r}")
+    if cfg.trainer.max_steps <= 0:
+        raise HarnessError(f"trainer.max_steps must be positive, got {cfg.trainer.max_steps}")
+    impl = resolve_impl(cfg.impl)
+    accelerator = _accelerator(cfg.trainer.accelerator)
+    if int(cfg.trainer.sync_debug_steps) > 0 and accelerator != "gpu":
+        raise HarnessError("trainer.sync_debug_steps counts CUDA synchronizations and needs trainer.accelerator=gpu")
+    if impl.needs_cuda and accelerator != "gpu":
+        raise HarnessError(f"impl {impl.name!r} needs a CUDA GPU and none is available; on a CPU use impl=reference")
+    try:
+        model_cfg = ModelConfig(**{k: v for k, v in cfg.model.items() if k != "name"},
+                                grad_cp=bool(cfg.trainer.grad_cp))
+    except (TypeError, ValueError) as exc:
+        raise HarnessError(f"bad model config: {exc}") from None
+    prefix = resolve_data_prefix(cfg.data.path)
+    data = open_data(prefix, cfg.data.get("hint"))
+    prime = validate_for_training(data, model_cfg.ctx_len)
+    check_token_ids(data, model_cfg.vocab_size)
+    world_size = int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)
+    run_id = cfg.run_id or f"{impl.name}-{cfg.init.mode}-bsz{cfg.bsz}-seed{cfg.seed}"
+    plan = Plan(
+        impl=impl, model_cfg=model_cfg, run_dir=RunDir(Path(cfg.results_dir) / cfg.experiment / run_id),
+        data_prefix=prefix, data_tokens=data.num_tokens, magic_prime=prime, micro_bsz=cfg.bsz,
+        world_size=world_size, max_steps=int(cfg.trainer.max_steps), accelerator=accelerator,
+        strategy=_strategy(cfg.trainer.strategy, accelerator, world_size),
+        precision=_precision(cfg.trainer.precision, accelerator),
+        deepspeed=deepspeed_knobs(cfg.trainer.deepspeed, world_size),
+        sync_free_clip=bool(cfg.trainer.sync_free_clip),
+    )
+    for directory in (plan.run_dir.path, shared_init_file(cfg, model_cfg).parent):
+        check_can_create(directory)
+    if cfg.trainer.memory_check and is_launching_rank_zero():
+        _check_memory(plan, int(cfg.trainer.devices))
+    return plan
+
+
+def check_can_create(directory: Path) -> None:
+    """Raise a one-line HarnessError unless files can be written in ``directory`` (created later when missing):
+    a file is created and dropped in its nearest existing folder, the one test that holds for root and for
+    read-only mounts alike (``os.access`` says yes to root on a read-only mount). Leaves nothing behind."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise HarnessError(f"cannot create {directory}: {existing} is not a directory; choose another results_dir=")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise HarnessError(f"cannot write in {existing} (for {directory}): {exc.strerror}; "
+                           f"choose a writable results_dir=") from None
+
+
+def _check_memory(plan: Plan, local_processes: int) -> None:
+    """Refuse a run whose estimated peak exceeds the memory available (``trainer.memory_check=false`` skips this):
+    the kernel's OOM killer would end it without a word. Checked once, by the launching process, before the other
+    ranks start (a rank that refused alone would leave the others waiting): on a CPU for all the local processes,
+    each with its own copy; on GPUs for one rank, on the first GPU."""
+    estimate = estimate_training_memory(plan.model_cfg, plan.micro_bsz, plan.impl.name, plan.precision,
+                                        plan.accelerator)
+    if plan.accelerator == "gpu":
+        check_fits(estimate, 1, available_memory("gpu", 0))
+    else:
+        check_fits(estimate, local_processes, available_memory("cpu"))
+
+
+def deepspeed_knobs(knobs: DictConfig, world_size: int) -> dict[str, object]:
+    """``trainer.deepspeed`` with ``overlap_comm: auto`` resolved: on with several GPUs (gradient reductions overlap
+    the backward pass), off on one, where there is nothing to overlap and DeepSpeed 0.19 with it on synchronizes the
+    device at the end of every backward pass (stage_1_and_2.py, independent_gradient_partition_epilogue)."""
+    resolved = OmegaConf.to_container(knobs)
+    if resolved.get("overlap_comm") == "auto":
+        resolved["overlap_comm"] = world_size > 1
+    return resolved
+
+
+def _accelerator(requested: str) -> str:
+    if requested == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if requested == "gpu" and not torch.cuda.is_available():
+        raise HarnessError("trainer.accelerator=gpu but no CUDA GPU is available")
+    return requested
+
+
+def _strategy(requested: str, accelerator: str, world_size: int) -> str:
+    """DeepSpeed ZeRO-2 on GPUs (as RWKV-LM trains); on CPUs one process, or DDP over gloo for several."""
+    if requested != "auto":
+        _check_strategy(requested, accelerator)
+        return requested
+    if accelerator == "gpu":
+        return "deepspeed_stage_2"
+    # layer 0 owns v0/v1/v2 but never uses them (as in RWKV-LM), so DDP must expect unused parameters
+    return "ddp_find_unused_parameters_true" if world_size > 1 else "auto"
+
+
+def _check_strategy(name: str, accelerator: str) -> None:
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    if name.startswith("deepspeed") and accelerator != "gpu":
+        raise HarnessError(f"trainer.strategy={name} needs a CUDA GPU; on a CPU leave trainer.strategy=auto")
+    if deepspeed_stage(name) is None and name != "single_device" and name not in StrategyRegistry:
+        known = ", ".join(["auto", "deepspeed_stage_0..3", *sorted(set(StrategyRegistry) - {"auto"})])
+        raise HarnessError(f"unknown trainer.strategy {name!r}; known: {known}")
+
+
+def _precision(requested: str, accelerator: str) -> str:
+    if requested != "auto":
+        return requested
+    return "bf16-mixed" if accelerator == "gpu" else "32-true"
+
+
+def deepspeed_stage(strategy: str) -> int | None:
+    match = re.fullmatch(r"deepspeed_stage_([0-3])", strategy)
+    return int(match[1]) if match else None
+
+
+def shared_init_key(model_cfg: ModelConfig, seed: int) -> dict[str, str]:
+    """Every value that shapes the shared init (the implementation does not: the init is converted into each)."""
+    values = {"n_layer": model_cfg.n_layer, "n_embd": model_cfg.n_embd, "head_size": model_cfg.head_size,
+              "vocab_size": model_cfg.vocab_size, "seed": seed}
+    return {name: str(value) for name, value in values.items()}
+
+
+def shared_init_file(cfg: DictConfig, model_cfg: ModelConfig) -> Path:
+    """One init per experiment and :func:`shared_init_key`, reused by every implementation's run: the name carries a
+    hash of the key, the file's metadata the key itself."""
+    key = shared_init_key(model_cfg, cfg.seed)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    return Path(cfg.results_dir) / cfg.experiment / "init" / f"{cfg.model.name}-seed{cfg.seed}-{digest}.safetensors"
+
+
+def is_launching_rank_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
