@@ -90,3 +90,15 @@ def behaviour_flags(env: dict[str, str]) -> dict[str, str]:
     """Environment variables that change what the kernels do; cache and tool locations are left out."""
     return {k: v for k, v in env.items()
             if k.startswith(("FLA_", "TRITON_", "RWKV_", "CUDA_VISIBLE")) and not k.endswith(("_DIR", "_PATH"))}
+
+
+# Dense bf16 peak per GPU, for MFU (6 x non-embedding parameters per token).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_bf16_flops() -> float | None:
+    """The dense bf16 peak of GPU 0 (FLOP/s), None without a GPU or for a model not in :data:`PEAK_BF16_FLOPS`."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 from functools import partial
 
+import fla.layers.rwkv7 as fla_rwkv7_layer
 import torch
 from fla.layers import RWKV7Attention
+from fla.ops.generalized_delta_rule.dplr.chunk import ChunkDPLRDeltaRuleFunction
 
 from impls.base import Implementation
+from impls.custom_ops import wkv_op
 from impls.fla_names import FLA_ATT_NAME_MAP
 from impls.init import lora_ranks
 from impls.reference import ChannelMix
@@ -26,6 +29,60 @@ from impls.triton_autotune import activate_for_fla
 GROUP_NORM_EPS = 64e-5  # RWKV-LM's ln_x eps; FLA multiplies its norm_eps by head_dim
 
 activate_for_fla()  # replay this GPU's recorded autotune choices (impls/triton_autotune.py)
+
+
+# --- FLA's chunked WKV as a custom op ---------------------------------------------------------------------------
+# FLA wraps its chunked kernel in torch.compiler.disable (a graph break per layer under torch.compile). The layer's
+# training call (no state, no varlen) instead runs FLA's own autograd Function, forward and backward, as the custom
+# op rwkv_harness::fla_chunk_rwkv7: the same kernels, which FLA's default (recompute) mode feeds from the inputs alone.
+# The options the layer passes (chunk size 64, its gate bound) are the op's; any other call goes to FLA unchanged.
+_OP_OPTIONS = {"safe_gate": True, "lower_bound": -0.6065306597126334, "chunk_size": 64}
+_fla_chunk_rwkv7 = fla_rwkv7_layer.chunk_rwkv7
+_context_attributes: dict[str, object] = {}  # what FLA's forward sets on its ctx (the same for every call)
+
+
+class _Context:
+    """Stands in for autograd's ctx around FLA's Function: keeps what its forward saves and sets."""
+
+    def save_for_backward(self, *tensors: torch.Tensor) -> None:
+        self.saved_tensors = tensors
+
+
+def _chunk_forward(r, w, k, v, a, b):
+    ctx = _Context()
+    o, _ = ChunkDPLRDeltaRuleFunction.forward(
+        ctx, r, k, v, a, b, w, 1.0, None, False, None, None, _OP_OPTIONS["safe_gate"], _OP_OPTIONS["lower_bound"],
+        _OP_OPTIONS["chunk_size"], False, None)
+    saved = ctx.saved_tensors
+    if len(saved) != 7 or saved[6] is not None:
+        raise RuntimeError("flash-linear-attention's chunked RWKV-7 saves other tensors than 0.6.0 did; "
+                           "impls/fla.py needs updating")
+    _context_attributes.update({key: value for key, value in vars(ctx).items() if key != "saved_tensors"})
+    return [o]
+
+
+def _chunk_backward(r, w, k, v, a, b, do):
+    ctx = _Context()
+    ctx.__dict__.update(_context_attributes)
+    ctx.saved_tensors = (r, k, v, a, b, w, None)
+    dr, dk, dv, da, db, dw = ChunkDPLRDeltaRuleFunction.backward(ctx, do, None)[:6]
+    return [dr, dw, dk, dv, da, db]
+
+
+fla_chunk_wkv = wkv_op("fla_chunk_rwkv7", _chunk_forward, _chunk_backward, fake_output=torch.empty_like)
+
+
+def chunk_rwkv7_through_op(r, w, k, v, a, b, scale=1.0, initial_state=None, output_final_state=False,
+                           cu_seqlens=None, **options):
+    """FLA's ``chunk_rwkv7`` for ``fla.layers.rwkv7``: training calls through :data:`fla_chunk_wkv`."""
+    if (initial_state is None and not output_final_state and cu_seqlens is None and scale == 1.0
+            and options == _OP_OPTIONS):
+        return fla_chunk_wkv(r, w, k, v, a, b), None
+    return _fla_chunk_rwkv7(r, w, k, v, a, b, scale=scale, initial_state=initial_state,
+                            output_final_state=output_final_state, cu_seqlens=cu_seqlens, **options)
+
+
+fla_rwkv7_layer.chunk_rwkv7 = chunk_rwkv7_through_op
 
 
 class TimeMix(RWKV7Attention):

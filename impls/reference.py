@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from impls.base import Implementation
+from impls.custom_ops import wkv_op
 from impls.init import channelmix_init, timemix_init
 
 # Decay actually applied: exp(-e^-0.5 * sigmoid(w_raw)), so decay is in (0.545, 1).
@@ -40,6 +41,50 @@ def wkv7_reference(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.T
              + v[:, t, :, :, None] * k[:, t, :, None, :])
         ys.append(torch.einsum("bhij,bhj->bhi", S, r[:, t]))
     return torch.stack(ys, dim=1), S
+
+
+def wkv7_reference_backward(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+                            b: torch.Tensor, dy: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients of :func:`wkv7_reference`'s ``y`` (zero initial state) for the incoming gradient ``dy``, one step at
+    a time backwards in time: the analytic twin of the CUDA kernel's backward (which checkpoints the state), written
+    out so that the loop can run as an opaque op. Per step, with ``dS`` the gradient of ``S_t``: ``dS += dy r^T``,
+    ``dr = S_t^T dy``, ``dv = dS k``, ``dk = dS^T v``, ``d(sa) = dS b``, ``db = dS^T sa``, ``da = S_{t-1}^T d(sa)``,
+    the decay's gradient ``sum_i dS[i, j] S_{t-1}[i, j]`` and ``dS_{t-1} = dS diag(decay) + d(sa) a^T``."""
+    compute = torch.promote_types(r.dtype, torch.float32)
+    r, w, k, v, a, b, dy = (t.to(compute) for t in (r, w, k, v, a, b, dy))
+    B, T, H, N = r.shape
+    sig = torch.sigmoid(w)
+    decay = torch.exp(W_SCALE * sig)
+    states = [torch.zeros(B, H, N, N, dtype=compute, device=r.device)]  # S_0 .. S_T
+    sas = []
+    for t in range(T):
+        S = states[-1]
+        sa = torch.einsum("bhij,bhj->bhi", S, a[:, t])
+        sas.append(sa)
+        states.append(S * decay[:, t, :, None, :] + sa[..., None] * b[:, t, :, None, :]
+                      + v[:, t, :, :, None] * k[:, t, :, None, :])
+    grads = [torch.empty_like(r) for _ in range(6)]
+    dr, dw, dk, dv, da, db = grads
+    dS = torch.zeros_like(states[0])
+    for t in reversed(range(T)):
+        S, S_prev = states[t + 1], states[t]
+        dS = dS + dy[:, t, :, :, None] * r[:, t, :, None, :]
+        dr[:, t] = torch.einsum("bhij,bhi->bhj", S, dy[:, t])
+        dv[:, t] = torch.einsum("bhij,bhj->bhi", dS, k[:, t])
+        dk[:, t] = torch.einsum("bhij,bhi->bhj", dS, v[:, t])
+        dsa = torch.einsum("bhij,bhj->bhi", dS, b[:, t])
+        db[:, t] = torch.einsum("bhij,bhi->bhj", dS, sas[t])
+        da[:, t] = torch.einsum("bhij,bhi->bhj", S_prev, dsa)
+        ddecay = (dS * S_prev).sum(dim=2)
+        dw[:, t] = ddecay * decay[:, t] * W_SCALE * sig[:, t] * (1 - sig[:, t])
+        dS = dS * decay[:, t, :, None, :] + dsa[..., None] * a[:, t, :, None, :]
+    return grads
+
+
+# The loop as one opaque op (torch.compile would otherwise unroll T steps), with its analytic backward.
+wkv7_reference_op = wkv_op(
+    "wkv7_reference", lambda r, w, k, v, a, b: [wkv7_reference(r, w, k, v, a, b)[0]], wkv7_reference_backward,
+    fake_output=lambda r: r.new_empty(r.shape, dtype=torch.promote_types(r.dtype, torch.float32)))
 
 
 class TimeMix(nn.Module):
@@ -70,7 +115,7 @@ class TimeMix(nn.Module):
             a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         B, T, C = r.shape
         shape = (B, T, self.n_head, self.head_size)
-        y, _ = wkv7_reference(*(t.view(shape) for t in (r, w, k, v, a, b)))
+        y = wkv7_reference_op(*(t.view(shape) for t in (r, w, k, v, a, b)))
         return y.to(r.dtype).view(B, T, C)
 
     def forward(self, x: torch.Tensor, v_first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

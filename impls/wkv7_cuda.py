@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from impls.custom_ops import wkv_op
+
 CUDA_DIR = Path(__file__).resolve().parent / "cuda"
 SOURCES = (CUDA_DIR / "wkv7_clampw.cu", CUDA_DIR / "wkv7_clampw.cpp")
 CHUNK_LEN = 16  # WKV7_CHUNK_LEN in cuda/wkv7_clampw.h
@@ -117,40 +119,44 @@ def _check_inputs(tensors: tuple[torch.Tensor, ...]) -> None:
                              f"{[(tuple(x.shape), x.dtype, x.device.type) for x in tensors]}")
 
 
-def _pad_time(x: torch.Tensor) -> torch.Tensor:
-    pad = -x.shape[1] % CHUNK_LEN
-    return F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x.contiguous()
+def _pad_time(x: torch.Tensor, chunk: int = CHUNK_LEN) -> torch.Tensor:
+    pad = (chunk - x.shape[1] % chunk) % chunk  # chunk as an argument: TorchScript takes no global ints
+    if pad == 0:
+        return x.contiguous()
+    return F.pad(x, [0, 0, 0, 0, 0, pad])
 
 
-class _WKV7ClampW(torch.autograd.Function):
-    # Under autocast (Lightning's bf16-mixed: fp32 weights) the inputs arrive in fp32: cast them to the kernel's bf16;
-    # autograd returns their gradients in the inputs' own dtype.
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.bfloat16)
-    def forward(ctx, r, w, k, v, a, b):
-        inputs = (r, w, k, v, a, b)
-        _check_inputs(inputs)
-        load_extension()
-        length = r.shape[1]
-        padded = tuple(_pad_time(x) for x in inputs)
-        y, s, sa = torch.ops.rwkv_harness_wkv7.forward(*padded)
-        ctx.save_for_backward(*padded, s, sa)
-        ctx.length = length
-        return y if y.shape[1] == length else y[:, :length].contiguous()
+def _forward(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+             b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_inputs((r, w, k, v, a, b))
+    load_extension()
+    return torch.ops.rwkv_harness_wkv7.forward(r, w, k, v, a, b)  # y and the state checkpoints s, sa
 
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, dy):
-        *padded, s, sa = ctx.saved_tensors
-        grads = torch.ops.rwkv_harness_wkv7.backward(*padded, _pad_time(dy.to(torch.bfloat16)), s, sa)
-        if padded[0].shape[1] == ctx.length:
-            return grads
-        return tuple(g[:, : ctx.length] for g in grads)
+
+def _backward(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+              s: torch.Tensor, sa: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return torch.ops.rwkv_harness_wkv7.backward(r, w, k, v, a, b, dy.to(torch.bfloat16), s, sa)
+
+
+def _fake_checkpoints(r: torch.Tensor) -> list[torch.Tensor]:
+    B, T, H, N = r.shape
+    return [r.new_empty((B, H, T // CHUNK_LEN, N, N), dtype=torch.float32), r.new_empty(r.shape, dtype=torch.float32)]
+
+
+_wkv7_clampw_op = wkv_op("wkv7_clampw", _forward, _backward, fake_output=torch.empty_like,
+                         fake_extras=_fake_checkpoints)
+# Under autocast (Lightning's bf16-mixed: fp32 weights) the inputs arrive in fp32: the op takes them as bf16, and
+# autograd returns their gradients in the inputs' own dtype.
+torch.library.register_autocast("rwkv_harness::wkv7_clampw", "cuda", torch.bfloat16)
 
 
 def wkv7_clampw(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """y_t = S_t r_t with S_t = S_{t-1} (diag(decay(w_t)) + a_t b_t^T) + v_t k_t^T; (B, T, H, N) bf16 in and out.
 
-    Plain function so that TorchScript can compile calls to it (the autograd Function runs as a Python op)."""
-    return _WKV7ClampW.apply(r, w, k, v, a, b)
+    The kernel runs as the custom op ``torch.ops.rwkv_harness.wkv7_clampw`` (:mod:`impls.custom_ops`): one opaque
+    node for torch.compile and TorchScript alike. Scriptable, so that ``impl=rwkv_jit`` compiles calls to it."""
+    length = r.shape[1]
+    y = torch.ops.rwkv_harness.wkv7_clampw(_pad_time(r), _pad_time(w), _pad_time(k), _pad_time(v), _pad_time(a),
+                                          _pad_time(b))[0]
+    return y[:, :length]

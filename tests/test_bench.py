@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import assert_one_line_user_error
 
 from harness.bench.cli import bench_config, main
 from harness.bench.step import FIELDS, StepConfig
@@ -39,9 +40,31 @@ def test_smoke_run_appends_tidy_rows_with_environment(tmp_path: Path) -> None:
     assert len(records) == 2 and "git" in records[0]["environment"]
 
 
-def test_profile_writes_a_report(tmp_path: Path) -> None:
+def test_profile_writes_a_report_and_never_overwrites_one(tmp_path: Path) -> None:
     main(["step", *TINY, f"out={tmp_path}", "--profile"])
-    assert (tmp_path / "profile_reference_bsz2.txt").read_text().startswith("impl=reference bsz=2")
+    first = (tmp_path / "profile_reference_bsz2.txt").read_text()
+    assert first.startswith("impl=reference accel=eager bsz=2")
+    main(["step", *TINY, f"out={tmp_path}", "--profile", "accel.fused_loss=true"])
+    main(["step", *TINY, f"out={tmp_path}", "--profile"])
+    assert (tmp_path / "profile_reference_bsz2.txt").read_text() == first
+    assert (tmp_path / "profile_reference_bsz2-2.txt").exists()
+    assert (tmp_path / "profile_reference_fused_loss_bsz2.txt").read_text().startswith(
+        "impl=reference accel=fused_loss bsz=2")
+
+
+def test_accelerations_are_measured_and_named_in_the_row(tmp_path: Path) -> None:
+    main(["step", *TINY, f"out={tmp_path}", "accel.compile=true", "accel.fused_loss=true"])
+    main(["step", *TINY, f"out={tmp_path}"])
+    with (tmp_path / "step.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["accel"] for row in rows] == ["compile+fused_loss", "eager"]
+    # same weights and batch: after 3 steps the losses agree to bf16 resolution near 4.6 (1/32)
+    assert abs(float(rows[0]["loss"]) - float(rows[1]["loss"])) <= 2 / 32
+
+
+def test_cuda_graph_needs_a_gpu(capsys: pytest.CaptureFixture) -> None:
+    assert_one_line_user_error(lambda: main(["step", *TINY, "accel.cuda_graph=true"]), "cuda_graph needs a CUDA GPU",
+                               capsys)
 
 
 def test_kernel_report_sums_time_by_kind_of_work() -> None:

@@ -56,9 +56,9 @@ def run_command(args: argparse.Namespace) -> None:
     out_dir = Path(cfg.out)
     if args.profile:
         report = step.profile(cfg)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / f"profile_{cfg.impl}_bsz{cfg.bsz}.txt").write_text(report + "\n")
+        path = step.write_profile(report, cfg, out_dir)
         print(report)
+        print(f"-> {path}")
         return
     row = with_environment(step.measure(cfg), env := environment())
     path = step.append_row(row, env, out_dir)

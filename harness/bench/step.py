@@ -5,29 +5,34 @@ torch AdamW (betas 0.9/0.99, eps 1e-18, one parameter group), grad clip 1.0, no 
 tokens; ``warmup`` steps, then ``steps`` timed steps between two ``torch.cuda.synchronize()`` calls;
 kt/s = tokens / wall time / 1000. One run appends one row to ``<out>/step.csv`` and the same row with the whole
 environment to ``<out>/step.jsonl``. With ``--profile`` it instead prints (and saves) the CUDA kernels that take the
-time of a few steps. Any ``impl=`` name of the registry works. Run from a copy of the tree without ``.git`` (a remote
+time of a few steps. Any ``impl=`` name of the registry works, with any of the accelerations of
+:mod:`harness.training.accel` (``accel.compile=true accel.fused_loss=true accel.cuda_graph=true``). Run from a copy of the tree without ``.git`` (a remote
 GPU box), name the commit with $RWKV_GIT_COMMIT and $RWKV_GIT_DIRTY (harness.env.git_state).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import impls
 from harness.bench.grid import BenchCsv
 from harness.errors import HarnessError
-from harness.model.rwkv import RWKV, ModelConfig, lm_loss
+from harness.env import peak_bf16_flops
+from harness.model.rwkv import RWKV, ModelConfig, count_parameters
 from harness.numerics import synchronize
 from harness.profiling import profile_summary
+from harness.training.accel import Accel, GraphedStep, clip_and_step, loss_function
 
 FIELDS = ("timestamp", "impl", "bsz", "ctx", "n_layer", "n_embd", "vocab", "kt_per_s", "step_ms", "peak_mem_gib",
-          "loss", "gpu", "torch", "triton", "cuda", "git_commit", "git_dirty", "jit", "nvcc_flags", "warmup", "steps")
+          "loss", "gpu", "torch", "triton", "cuda", "git_commit", "git_dirty", "jit", "nvcc_flags", "warmup", "steps",
+          "accel", "mfu")
 
 
 @dataclass(frozen=True)
@@ -47,59 +52,91 @@ class StepConfig:
     seed: int = 0
     device: str = "cuda"
     out: str = "results/bench"
+    accel: dict[str, bool] = field(default_factory=lambda: {name: False for name in ("compile", "fused_loss",
+                                                                                      "cuda_graph")})
 
 
-def build(cfg: StepConfig) -> tuple[nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor]:
-    """Model in bf16 on the device, its optimizer, and one batch of random tokens and targets."""
+@dataclass
+class Bench:
+    """What a measurement steps: the model, its optimizer, one batch, and the step with its accelerations."""
+
+    model: RWKV
+    optimizer: torch.optim.Optimizer
+    idx: torch.Tensor
+    targets: torch.Tensor
+    accel: Accel
+    step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+    def train_step(self) -> torch.Tensor:
+        """One training step on the batch; the loss, without synchronising."""
+        return self.step(self.idx, self.targets)
+
+
+def build(cfg: StepConfig) -> Bench:
+    """Model in bf16 on the device, its optimizer (capturable under accel.cuda_graph), one batch of random tokens and
+    targets, and the training step: forward, backward, clip to norm 1.0, AdamW step."""
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise HarnessError("the step benchmark needs a CUDA GPU (device=cpu gives a smoke run)")
+    accel = Accel.from_config(cfg.accel)
+    accel.check(cfg.device)
     torch.manual_seed(cfg.seed)
     model_cfg = ModelConfig(n_layer=cfg.n_layer, n_embd=cfg.n_embd, head_size=cfg.head_size,
                             vocab_size=cfg.vocab, ctx_len=cfg.ctx)
     model = RWKV(impls.get(cfg.impl, **cfg.impl_options), model_cfg).to(device=cfg.device, dtype=torch.bfloat16)
+    cuda = cfg.device.startswith("cuda")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-18, weight_decay=0.0,
-                                  fused=cfg.device.startswith("cuda"))
+                                  fused=cuda, capturable=accel.cuda_graph)
     tokens = torch.randint(0, cfg.vocab, (cfg.bsz, cfg.ctx + 1), device=cfg.device)
-    return model, optimizer, tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    loss_fn = loss_function(model, accel)
 
+    def step(idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = loss_fn(idx, targets)
+        loss.backward()
+        clip_and_step(model.parameters(), optimizer, 1.0)
+        if not accel.cuda_graph:
+            optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, idx: torch.Tensor,
-               targets: torch.Tensor) -> torch.Tensor:
-    """Forward, backward, clip to norm 1.0, AdamW step; returns the (detached) loss without synchronising."""
-    loss = lm_loss(model(idx), targets, model.impl)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    if accel.cuda_graph:
+        step = GraphedStep(step, lambda: optimizer.zero_grad(set_to_none=True))
+    return Bench(model, optimizer, tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), accel, step)
 
 
 def measure(cfg: StepConfig) -> dict[str, object]:
     """Time ``cfg.steps`` training steps after ``cfg.warmup``; the result row without environment fields."""
-    model, optimizer, idx, targets = build(cfg)
+    bench = build(cfg)
     for _ in range(cfg.warmup):
-        train_step(model, optimizer, idx, targets)
+        bench.train_step()
     synchronize(cfg.device)
     cuda = cfg.device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(cfg.steps):
-        loss = train_step(model, optimizer, idx, targets)
+        loss = bench.train_step()
     synchronize(cfg.device)
     wall = time.perf_counter() - start
-    impl = model.impl
+    impl = bench.model.impl
+    kt_per_s = cfg.bsz * cfg.ctx * cfg.steps / wall / 1000
     return {
         "impl": impl.name, "bsz": cfg.bsz, "ctx": cfg.ctx, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd,
         "vocab": cfg.vocab,
-        "kt_per_s": float(f"{cfg.bsz * cfg.ctx * cfg.steps / wall / 1000:.5g}"),  # a slow CPU is no 0.0
+        "kt_per_s": float(f"{kt_per_s:.5g}"),  # a slow CPU is no 0.0
         "step_ms": round(wall / cfg.steps * 1000, 2),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "loss": round(float(loss), 4),
         "jit": bool(impl.flags.get("jit", False)),
         "nvcc_flags": impl.flags.get("nvcc_flags", ""),
         "warmup": cfg.warmup, "steps": cfg.steps,
+        "accel": bench.accel.label(),
+        "mfu": _mfu(bench.model, kt_per_s) if cuda else None,
     }
+
+
+def _mfu(model: RWKV, kt_per_s: float) -> float | None:
+    """Model FLOPs utilisation: 6 x non-embedding parameters per token against the GPU's dense bf16 peak."""
+    peak = peak_bf16_flops()
+    return round(kt_per_s * 1000 * 6 * count_parameters(model, exclude_embedding=True) / peak, 4) if peak else None
 
 
 def append_row(row: dict[str, object], env: dict[str, object], out_dir: Path) -> Path:
@@ -116,16 +153,33 @@ def profile(cfg: StepConfig) -> str:
     """Profile ``cfg.profile_steps`` training steps after the warm-up; returns the kernel report."""
     from torch.profiler import ProfilerActivity
 
-    model, optimizer, idx, targets = build(cfg)
+    bench = build(cfg)
     for _ in range(cfg.warmup):
-        train_step(model, optimizer, idx, targets)
+        bench.train_step()
     synchronize(cfg.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cfg.device.startswith("cuda") else [])
     with torch.profiler.profile(activities=activities) as prof:
         start = time.perf_counter()
         for _ in range(cfg.profile_steps):
-            train_step(model, optimizer, idx, targets)
+            bench.train_step()
         synchronize(cfg.device)
         wall = time.perf_counter() - start
-    header = f"impl={cfg.impl} bsz={cfg.bsz} ctx={cfg.ctx} L{cfg.n_layer}-D{cfg.n_embd} vocab {cfg.vocab}"
+    header = f"impl={cfg.impl} accel={bench.accel.label()} bsz={cfg.bsz} ctx={cfg.ctx} L{cfg.n_layer}-D{cfg.n_embd} vocab {cfg.vocab}"
     return profile_summary(prof.key_averages(), cfg.profile_steps, wall, header)
+
+
+def write_profile(report: str, cfg: StepConfig, out_dir: Path) -> Path:
+    """The report into ``profile_<impl>[_<accel>]_bsz<bsz>.txt`` in ``out_dir``; an existing report is never
+    overwritten (the new one takes the next free ``-2``, ``-3``, ... name)."""
+    label = Accel.from_config(cfg.accel).label()
+    stem = f"profile_{cfg.impl}{'' if label == 'eager' else '_' + label}_bsz{cfg.bsz}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for number in itertools.count(1):
+        path = out_dir / (f"{stem}.txt" if number == 1 else f"{stem}-{number}.txt")
+        try:
+            with path.open("x") as handle:
+                handle.write(report + "\n")
+            return path
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.model.fused_loss import head_loss
 from impls.base import Implementation, NameMap, Transform, to_canonical, to_native
 
 
@@ -96,6 +97,11 @@ class RWKV(nn.Module):
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """The logits (B, T, vocab)."""
+        return self.head(self.hidden(idx))
+
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """The last hidden states after ``ln_out`` (B, T, C): what the head reads."""
         if idx.shape[1] > self.cfg.ctx_len:
             raise ValueError(f"sequence length {idx.shape[1]} exceeds ctx_len {self.cfg.ctx_len}")
         x = self.emb(idx)
@@ -105,7 +111,14 @@ class RWKV(nn.Module):
                 x, v_first = torch.utils.checkpoint.checkpoint(block, x, v_first, use_reentrant=False)
             else:
                 x, v_first = block(x, v_first)
-        return self.head(self.ln_out(x))
+        return self.ln_out(x)
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """The training loss: :func:`lm_loss` on the logits, or with ``fused`` the head, cross-entropy and L2Wrap in
+        one chunked op that never materialises the logits (:func:`harness.model.fused_loss.head_loss`)."""
+        if fused:
+            return head_loss(self.hidden(idx), self.head.weight, targets)
+        return lm_loss(self(idx), targets, self.impl)
 
     # --- canonical (RWKV-LM) names -----------------------------------------------------------------
 

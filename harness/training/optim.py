@@ -97,4 +97,8 @@ class LRSchedule:
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("my_lr_scale", 1.0)
+        value = lr * group.get("my_lr_scale", 1.0)
+        if isinstance(group["lr"], torch.Tensor):  # a CUDA-graphed step reads its lr from the device (accel.py)
+            group["lr"].fill_(value)
+        else:
+            group["lr"] = value

@@ -30,7 +30,7 @@ from harness.data.binidx import (
     ResumeSampler,
     StepWindows,
 )
-from harness.env import environment
+from harness.env import environment, peak_bf16_flops
 from harness.errors import HarnessError
 from harness.model.init import apply_init
 from harness.model.rwkv import RWKV, count_parameters, lm_loss
@@ -51,8 +51,6 @@ from harness.training.plan import Plan, is_launching_rank_zero, plan_run, shared
 from harness.training.strategy import install_sync_free_clip, make_optimizer, make_strategy
 from impls import triton_autotune
 
-# Dense bf16 peak per GPU, for MFU (6 x non-embedding parameters per token).
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 # Keys that may change between a run and its resumption without changing what is computed.
 RESUME_NEUTRAL_KEYS = ("trainer.ckpt_every", "trainer.num_workers", "trainer.profile_steps", "trainer.progress_every",
                        "trainer.sync_debug_steps", "trainer.gc_every", "trainer.memory_check", "overwrite")
@@ -349,7 +347,7 @@ def _summarize(plan: Plan, model: RWKV, recorder: StepRecorder, setup_s: float) 
     rows = read_steps(plan.run_dir.steps_csv) if plan.run_dir.steps_csv.exists() else []
     summary = throughput_summary(rows, plan.tokens_per_step)
     flops_per_token = 6 * count_parameters(model, exclude_embedding=True)
-    peak = _peak_flops()
+    peak = peak_bf16_flops()
     kt = summary["kt_per_s"]
     summary.update(
         step_timing="cuda_events" if plan.accelerator == "gpu" else "wall_clock",
@@ -360,9 +358,3 @@ def _summarize(plan: Plan, model: RWKV, recorder: StepRecorder, setup_s: float) 
     )
     return summary
 
-
-def _peak_flops() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name(0)
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)

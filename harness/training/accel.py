@@ -1,0 +1,123 @@
+"""The accelerations every implementation can take (``accel.*``), for the bare step benchmark and the trainer alike.
+
+* ``compile``: ``torch.compile`` over the whole loss (model, head, loss). Each implementation's WKV is a
+  ``torch.library`` custom op (:mod:`impls.custom_ops`), so the compiler sees the step without graph breaks and
+  fuses everything around the kernels (token shift and lerps, LoRA activations, GroupNorm, gates, residuals).
+* ``fused_loss``: head + cross-entropy + L2Wrap in one chunked op (:mod:`harness.model.fused_loss`) that never
+  materialises the logits.
+* ``cuda_graph``: the whole training step (loss, backward, gradient clipping, a capturable fused AdamW step) captured
+  once in a CUDA graph and replayed per batch (:class:`GraphedStep`): for host-bound shapes, where launching a step's
+  thousand kernels takes longer than running them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from harness.errors import HarnessError
+from harness.model.rwkv import RWKV
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Accel:
+    compile: bool = False
+    fused_loss: bool = False
+    cuda_graph: bool = False
+
+    @classmethod
+    def from_config(cls, node: object) -> Accel:
+        """From a config node (Hydra's ``accel``, a dict); booleans only, unknown keys refused."""
+        values = dict(node or {})
+        unknown = sorted(set(values) - set(asdict(cls())))
+        if unknown:
+            raise HarnessError(f"unknown accel option {unknown[0]!r}; choose from {', '.join(asdict(cls()))}")
+        for key, value in values.items():
+            if not isinstance(value, bool):
+                raise HarnessError(f"accel.{key} must be true or false, got {value!r}")
+        return cls(**values)
+
+    def label(self) -> str:
+        """``eager``, or the options on, joined by ``+`` (``compile+fused_loss+cuda_graph``): the bench rows' name."""
+        on = [name for name, value in asdict(self).items() if value]
+        return "+".join(on) if on else "eager"
+
+    def check(self, device: str) -> None:
+        if self.cuda_graph and not device.startswith("cuda"):
+            raise HarnessError("accel.cuda_graph needs a CUDA GPU")
+
+
+def loss_function(model: RWKV, accel: Accel) -> LossFn:
+    """``(idx, targets) -> loss`` for ``model`` with ``accel``'s loss and compilation."""
+    fused = accel.fused_loss
+
+    def loss(idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return model.loss(idx, targets, fused=fused)
+
+    return torch.compile(loss, dynamic=False) if accel.compile else loss
+
+
+class GraphedStep:
+    """A training step ``step(idx, targets) -> loss`` (forward, backward, clipping and optimizer step, all on the
+    device without host syncs) captured once in a CUDA graph and replayed for every batch.
+
+    The batch is copied into static input buffers; the returned loss is the graph's static output, overwritten by the
+    next replay (read or copy it before the next call). The first ``warmup`` calls run eagerly on a side stream, as
+    capture needs (lazy allocations, cuBLAS workspaces, autotuning and compilation all happen there), then the graph
+    is captured; every call, warm-up included, trains on its batch. Gradients must be ``None`` when capture starts
+    (they then live in the graph's memory pool and each replay rewrites them)."""
+
+    def __init__(self, step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 zero_grad: Callable[[], None], warmup: int = 3):
+        self.step, self.zero_grad, self.warmup = step, zero_grad, warmup
+        self.calls = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.loss: torch.Tensor | None = None
+
+    def __call__(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.static is None:
+            self.static = (torch.empty_like(idx), torch.empty_like(targets))
+        static_idx, static_targets = self.static
+        if idx.shape != static_idx.shape or targets.shape != static_targets.shape:
+            raise HarnessError(f"accel.cuda_graph replays one batch shape; got {tuple(idx.shape)} after "
+                               f"{tuple(static_idx.shape)}")
+        static_idx.copy_(idx, non_blocking=True)
+        static_targets.copy_(targets, non_blocking=True)
+        self.calls += 1
+        if self.graph is not None:
+            self.graph.replay()
+            return self.loss
+        if self.calls <= self.warmup:
+            return self._eager_on_side_stream(static_idx, static_targets)
+        self._capture(static_idx, static_targets)
+        self.graph.replay()
+        return self.loss
+
+    def _eager_on_side_stream(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            loss = self.step(idx, targets)
+            self.zero_grad()
+        torch.cuda.current_stream().wait_stream(side)
+        return loss
+
+    def _capture(self, idx: torch.Tensor, targets: torch.Tensor) -> None:
+        self.zero_grad()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.loss = self.step(idx, targets)
+        self.graph = graph
+
+
+def clip_and_step(parameters: Iterable[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                  max_norm: float) -> None:
+    """Clip the gradients' global norm to ``max_norm`` (on the device: no host sync), then step the optimizer."""
+    torch.nn.utils.clip_grad_norm_(list(parameters), max_norm, foreach=True)
+    optimizer.step()
