@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 import impls
 from harness.model.rwkv import RWKV, ModelConfig, lm_loss
+from harness.training.accel import Accel, loss_function
 from impls.base import to_canonical
 
 GOLDEN = Path(__file__).parent / "fixtures" / "rwkv_lm_dc6c3ec_L3_C64_N32.safetensors"
@@ -106,3 +107,49 @@ def test_bf16_impl_matches_rwkv_lm(golden: dict[str, torch.Tensor], impl: str, d
     errors = assert_close({n: got.pop(n) for n in outputs}, {n: want.pop(n) for n in outputs}, output_tolerance, label)
     errors |= assert_close(got, want, grad_tolerance, label)
     print(f"\n{label}: logits {errors['logits']:.1e}, loss {errors['loss']:.1e}, {worst_gradient(errors)}")
+
+
+# --- the accelerations (harness/training/accel.py) against the same fp64 values --------------------------------------
+
+ACCELS = {"compile": Accel(compile=True), "fused_loss": Accel(fused_loss=True),
+          "compile+fused_loss": Accel(compile=True, fused_loss=True)}
+
+
+def run_accelerated(golden: dict[str, torch.Tensor], impl: str, dtype: torch.dtype, device: str, accel: Accel
+                    ) -> dict[str, torch.Tensor]:
+    """The training loss as the trainer computes it under ``accel`` (compiled, fused head loss), and every parameter
+    gradient under its RWKV-LM name: the logits are never materialised by the fused loss, so they are not compared."""
+    torch._dynamo.reset()  # each case compiles afresh (and the recompile limit is not reached across cases)
+    model = RWKV(impls.get(impl), CFG)
+    model.load_canonical_state_dict(section(golden, "weight."))
+    model.to(device, dtype)
+    idx, targets = (golden[f"input.{name}"].long().to(device) for name in ("idx", "targets"))
+    loss = loss_function(model, accel)(idx, targets)
+    loss.backward()
+    out = {"loss": loss.detach().float().reshape(1)}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            canonical = model.canonical_name(name)
+            out[f"grad.{canonical}"] = to_canonical(p.grad, model.native_name(canonical)[1])
+    return {name: t.cpu().to(torch.float64 if dtype == torch.float64 else torch.float32) for name, t in out.items()}
+
+
+@pytest.mark.parametrize("accel", ["fused_loss", "compile+fused_loss"])
+def test_reference_fp64_accelerated_matches_rwkv_lm(golden: dict[str, torch.Tensor], accel: str) -> None:
+    got = run_accelerated(golden, "reference", torch.float64, "cpu", ACCELS[accel])
+    want = {name: t for name, t in expected(golden).items() if name != "logits"}
+    errors = assert_close(got, want, FP64_TOLERANCE, f"reference fp64 {accel} vs RWKV-LM")
+    print(f"\nreference fp64 {accel} vs RWKV-LM: loss {errors['loss']:.1e}, {worst_gradient(errors)}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("accel", list(ACCELS))
+@pytest.mark.parametrize("impl", ["rwkv", "rwkv_jit", pytest.param("fla", marks=needs_fla)])
+def test_bf16_accelerated_impl_matches_rwkv_lm(golden: dict[str, torch.Tensor], impl: str, accel: str) -> None:
+    output_tolerance, grad_tolerance = BF16_TOLERANCES[impl]
+    got = run_accelerated(golden, impl, torch.bfloat16, "cuda", ACCELS[accel])
+    want = {name: t.float() for name, t in expected(golden).items() if name != "logits"}
+    label = f"{impl} bf16 {accel} vs RWKV-LM"
+    errors = assert_close({"loss": got.pop("loss")}, {"loss": want.pop("loss")}, output_tolerance, label)
+    errors |= assert_close(got, want, grad_tolerance, label)
+    print(f"\n{label}: loss {errors['loss']:.1e}, {worst_gradient(errors)}")

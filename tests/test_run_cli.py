@@ -67,6 +67,7 @@ def test_main_job_tiny_reference_run_learns(tmp_path):
     (["trainer=cpu", "trainer.sync_debug_steps=2"], "needs trainer.accelerator=gpu"),
     (["trainer=cpu", "trainer.strategy=deepspeed_stage_2"], "needs a CUDA GPU"),
     (["trainer.strategy=zero9"], "unknown trainer.strategy 'zero9'"),
+    (["accel.cuda_graph=true"], "accel.cuda_graph needs a CUDA GPU"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, fragment):
     results = tmp_path / "results"
@@ -181,6 +182,42 @@ def test_the_harness_itself_never_synchronizes_in_a_step(tmp_path):
     syncs = json.loads(next(results.rglob("run.json")).read_text())["host_syncs"]
     assert syncs["steps"] == [10, 13] and syncs["per_step"] >= 0
     assert not [source for source in syncs["sources"] if "harness/" in source], syncs
+
+
+def test_compiled_fused_run_trains_as_the_eager_run(tmp_path):
+    """Same init and batches: the run under torch.compile with the fused head loss logs the eager run's losses (fp32 on
+    the CPU: to rounding), and run.json names its accelerations."""
+    import json
+
+    losses = {}
+    for label, accel in (("eager", []), ("compile+fused_loss", ["accel.compile=true", "accel.fused_loss=true"])):
+        results = tmp_path / label
+        proc = run_harness([*SMALL, "trainer.max_steps=12", "trainer.ckpt_every=0", *accel], results)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        losses[label] = [float(r["loss"]) for r in read_rows(next(results.rglob("steps.csv")))]
+        run = json.loads(next(results.rglob("run.json")).read_text())
+        assert run["accel"]["label"] == label
+    assert losses["compile+fused_loss"] == pytest.approx(losses["eager"], rel=1e-4)
+
+
+@pytest.mark.gpu
+def test_graphed_compiled_run_trains_as_the_eager_run_on_a_gpu(tmp_path):
+    import json
+
+    plain = [*SMALL, "impl=rwkv", "trainer=gpu", "trainer.strategy=single_device", "trainer.precision=bf16-true",
+             "trainer.max_steps=30", "trainer.ckpt_every=0"]
+    losses = {}
+    for label, accel in (("eager", []), ("compile+fused_loss+cuda_graph",
+                                         ["accel.compile=true", "accel.fused_loss=true", "accel.cuda_graph=true"])):
+        results = tmp_path / label
+        proc = run_harness([*plain, *accel], results)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        rows = read_rows(next(results.rglob("steps.csv")))
+        assert [int(r["step"]) for r in rows] == list(range(30))
+        losses[label] = [float(r["loss"]) for r in rows]
+        assert json.loads(next(results.rglob("run.json")).read_text())["status"] == "completed"
+    fast, eager = losses["compile+fused_loss+cuda_graph"], losses["eager"]
+    assert sum(fast[-10:]) / 10 == pytest.approx(sum(eager[-10:]) / 10, abs=0.05)
 
 
 def test_profile_steps_writes_a_profile_of_the_real_run(tmp_path):

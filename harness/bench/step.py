@@ -28,7 +28,7 @@ from harness.env import peak_bf16_flops
 from harness.model.rwkv import RWKV, ModelConfig, count_parameters
 from harness.numerics import synchronize
 from harness.profiling import profile_summary
-from harness.training.accel import Accel, GraphedStep, clip_and_step, loss_function
+from harness.training.accel import Accel, GraphedStep, clip_gradients, loss_function
 
 FIELDS = ("timestamp", "impl", "bsz", "ctx", "n_layer", "n_embd", "vocab", "kt_per_s", "step_ms", "peak_mem_gib",
           "loss", "gpu", "torch", "triton", "cuda", "git_commit", "git_dirty", "jit", "nvcc_flags", "warmup", "steps",
@@ -73,8 +73,8 @@ class Bench:
 
 
 def build(cfg: StepConfig) -> Bench:
-    """Model in bf16 on the device, its optimizer (capturable under accel.cuda_graph), one batch of random tokens and
-    targets, and the training step: forward, backward, clip to norm 1.0, AdamW step."""
+    """Model in bf16 on the device, its optimizer, one batch of random tokens and targets, and the training step:
+    forward, backward, clip to norm 1.0 (replayed from a CUDA graph under accel.cuda_graph), AdamW step."""
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise HarnessError("the step benchmark needs a CUDA GPU (device=cpu gives a smoke run)")
     accel = Accel.from_config(cfg.accel)
@@ -85,20 +85,25 @@ def build(cfg: StepConfig) -> Bench:
     model = RWKV(impls.get(cfg.impl, **cfg.impl_options), model_cfg).to(device=cfg.device, dtype=torch.bfloat16)
     cuda = cfg.device.startswith("cuda")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-18, weight_decay=0.0,
-                                  fused=cuda, capturable=accel.cuda_graph)
+                                  fused=cuda)
     tokens = torch.randint(0, cfg.vocab, (cfg.bsz, cfg.ctx + 1), device=cfg.device)
     loss_fn = loss_function(model, accel)
 
-    def step(idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward_backward(idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         loss = loss_fn(idx, targets)
         loss.backward()
-        clip_and_step(model.parameters(), optimizer, 1.0)
-        if not accel.cuda_graph:
-            optimizer.zero_grad(set_to_none=True)
+        clip_gradients(model.parameters(), 1.0)
         return loss.detach()
 
-    if accel.cuda_graph:
-        step = GraphedStep(step, lambda: optimizer.zero_grad(set_to_none=True))
+    graphed = GraphedStep(forward_backward, model.parameters()) if accel.cuda_graph else None
+
+    def step(idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = graphed(idx, targets) if graphed else forward_backward(idx, targets)
+        optimizer.step()
+        if not graphed:
+            optimizer.zero_grad(set_to_none=True)
+        return loss
+
     return Bench(model, optimizer, tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), accel, step)
 
 

@@ -5,8 +5,8 @@
   fuses everything around the kernels (token shift and lerps, LoRA activations, GroupNorm, gates, residuals).
 * ``fused_loss``: head + cross-entropy + L2Wrap in one chunked op (:mod:`harness.model.fused_loss`) that never
   materialises the logits.
-* ``cuda_graph``: the whole training step (loss, backward, gradient clipping, a capturable fused AdamW step) captured
-  once in a CUDA graph and replayed per batch (:class:`GraphedStep`): for host-bound shapes, where launching a step's
+* ``cuda_graph``: the step's forward, backward and gradient clipping captured once in a CUDA graph and replayed per
+  batch (:class:`GraphedStep`), the optimizer stepping after it: for host-bound shapes, where launching a step's
   thousand kernels takes longer than running them.
 """
 
@@ -62,18 +62,21 @@ def loss_function(model: RWKV, accel: Accel) -> LossFn:
 
 
 class GraphedStep:
-    """A training step ``step(idx, targets) -> loss`` (forward, backward, clipping and optimizer step, all on the
-    device without host syncs) captured once in a CUDA graph and replayed for every batch.
+    """The forward and backward of a training step, gradient clipping included (``forward_backward(idx, targets) ->
+    loss``, on the device without host syncs), captured once in a CUDA graph and replayed for every batch; the
+    optimizer steps after it, outside the graph, as usual (a fused AdamW is a handful of launches, the graph holds the
+    thousand of the model).
 
     The batch is copied into static input buffers; the returned loss is the graph's static output, overwritten by the
     next replay (read or copy it before the next call). The first ``warmup`` calls run eagerly on a side stream, as
     capture needs (lazy allocations, cuBLAS workspaces, autotuning and compilation all happen there), then the graph
-    is captured; every call, warm-up included, trains on its batch. Gradients must be ``None`` when capture starts
-    (they then live in the graph's memory pool and each replay rewrites them)."""
+    is captured; every call, warm-up included, computes the gradients of its batch. The gradients are set to ``None``
+    before each eager call and before capture; from then on they live in the graph's memory pool, each replay
+    rewrites them, and nothing may zero them (``zero_grad``) or replace them."""
 
-    def __init__(self, step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 zero_grad: Callable[[], None], warmup: int = 3):
-        self.step, self.zero_grad, self.warmup = step, zero_grad, warmup
+    def __init__(self, forward_backward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 parameters: Iterable[torch.nn.Parameter], warmup: int = 3):
+        self.forward_backward, self.parameters, self.warmup = forward_backward, list(parameters), warmup
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -89,35 +92,35 @@ class GraphedStep:
         static_idx.copy_(idx, non_blocking=True)
         static_targets.copy_(targets, non_blocking=True)
         self.calls += 1
-        if self.graph is not None:
-            self.graph.replay()
-            return self.loss
-        if self.calls <= self.warmup:
+        if self.graph is None and self.calls <= self.warmup:
             return self._eager_on_side_stream(static_idx, static_targets)
-        self._capture(static_idx, static_targets)
+        if self.graph is None:
+            self._capture(static_idx, static_targets)
         self.graph.replay()
         return self.loss
 
+    def _clear_gradients(self) -> None:
+        for parameter in self.parameters:
+            parameter.grad = None
+
     def _eager_on_side_stream(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        self._clear_gradients()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            loss = self.step(idx, targets)
-            self.zero_grad()
+            loss = self.forward_backward(idx, targets)
         torch.cuda.current_stream().wait_stream(side)
         return loss
 
     def _capture(self, idx: torch.Tensor, targets: torch.Tensor) -> None:
-        self.zero_grad()
+        self._clear_gradients()
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.loss = self.step(idx, targets)
+            self.loss = self.forward_backward(idx, targets)
         self.graph = graph
 
 
-def clip_and_step(parameters: Iterable[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                  max_norm: float) -> None:
-    """Clip the gradients' global norm to ``max_norm`` (on the device: no host sync), then step the optimizer."""
+def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> None:
+    """Clip the gradients' global norm to ``max_norm`` on the device (no host sync: capturable)."""
     torch.nn.utils.clip_grad_norm_(list(parameters), max_norm, foreach=True)
-    optimizer.step()

@@ -20,6 +20,7 @@ from harness.data.binidx import BinIdx, check_token_ids, default_data_prefix, va
 from harness.errors import HarnessError
 from harness.model.rwkv import ModelConfig
 from harness.results import RunDir
+from harness.training.accel import Accel
 from harness.training.memory import available_memory, check_fits, estimate_training_memory
 from impls.base import Implementation
 
@@ -42,6 +43,7 @@ class Plan:
     precision: str
     deepspeed: dict
     sync_free_clip: bool
+    accel: Accel
 
     @property
     def tokens_per_step(self) -> int:
@@ -95,12 +97,25 @@ def plan_run(cfg: DictConfig) -> Plan:
         precision=_precision(cfg.trainer.precision, accelerator),
         deepspeed=deepspeed_knobs(cfg.trainer.deepspeed, world_size),
         sync_free_clip=bool(cfg.trainer.sync_free_clip),
+        accel=Accel.from_config(cfg.get("accel")),
     )
+    _check_accel(plan)
     for directory in (plan.run_dir.path, shared_init_file(cfg, model_cfg).parent):
         check_can_create(directory)
     if cfg.trainer.memory_check and is_launching_rank_zero():
         _check_memory(plan, int(cfg.trainer.devices))
     return plan
+
+
+def _check_accel(plan: Plan) -> None:
+    """A CUDA-graphed step replays the whole step, optimizer included: one GPU, plain Lightning's own optimizer."""
+    if not plan.accel.cuda_graph:
+        return
+    if plan.accelerator != "gpu":
+        raise HarnessError("accel.cuda_graph needs a CUDA GPU")
+    if plan.strategy != "single_device" or plan.world_size != 1:
+        raise HarnessError("accel.cuda_graph captures the optimizer step, which DeepSpeed and DDP run outside the "
+                           f"graph; use trainer.strategy=single_device on one GPU (got {plan.strategy})")
 
 
 def check_can_create(directory: Path) -> None:

@@ -8,6 +8,7 @@ diagnostics) -> throughput summary into run.json. Rerunning the same command res
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -33,9 +34,10 @@ from harness.data.binidx import (
 from harness.env import environment, peak_bf16_flops
 from harness.errors import HarnessError
 from harness.model.init import apply_init
-from harness.model.rwkv import RWKV, count_parameters, lm_loss
+from harness.model.rwkv import RWKV, count_parameters
 from harness.results import RunDir, StepLog, portable_path, read_steps, throughput_summary
 from harness.run_lock import RunLock
+from harness.training.accel import GraphedStep, clip_gradients, loss_function
 from harness.training.callbacks import (
     Checkpointer,
     LRScheduler,
@@ -114,6 +116,12 @@ class LitRWKV(L.LightningModule):
         self.plan = plan
         self.start_step = start_step
         self.last_loss: torch.Tensor | None = None
+        self.loss_fn = loss_function(model, plan.accel)
+        # accel.cuda_graph: Lightning's manual optimization; forward, backward and clipping replayed from one graph
+        self.automatic_optimization = not plan.accel.cuda_graph
+        self.graphed_step: GraphedStep | None = None
+        if plan.accel.cuda_graph:
+            self.graphed_step = GraphedStep(self._forward_backward, model.parameters())
 
     def train_dataloader(self) -> DataLoader:
         p = self.plan
@@ -127,11 +135,21 @@ class LitRWKV(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        loss = lm_loss(self.model(x), y, self.model.impl)
+        if self.graphed_step is not None:
+            loss = self.graphed_step(x, y)
+            self.optimizers().step()  # Lightning's optimizer: it counts the step
+        else:
+            loss = self.loss_fn(x, y)
         self.last_loss = loss.detach().float()
         if self.trainer.world_size > 1:
             self.last_loss = self.all_gather(self.last_loss).mean()
         return loss
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = self.loss_fn(x, y)
+        loss.backward()
+        clip_gradients(self.model.parameters(), float(self.cfg.optim.grad_clip))
+        return loss.detach()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         groups = param_groups(self.model, self.cfg.optim.weight_decay, self.cfg.optim.grouping)
@@ -310,7 +328,8 @@ def _make_trainer(cfg: DictConfig, plan: Plan, schedule: LRSchedule, start_step:
     trainer = L.Trainer(
         accelerator=plan.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
         strategy=make_strategy(plan),
-        precision=plan.precision, max_steps=plan.max_steps, max_epochs=-1, gradient_clip_val=cfg.optim.grad_clip,
+        precision=plan.precision, max_steps=plan.max_steps, max_epochs=-1,
+        gradient_clip_val=None if plan.accel.cuda_graph else cfg.optim.grad_clip,  # the graph clips
         logger=False, enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
         use_distributed_sampler=False, callbacks=callbacks, log_every_n_steps=1, enable_progress_bar=refresh > 0,
     )
@@ -333,6 +352,7 @@ def _record_start(cfg: DictConfig, plan: Plan, model: RWKV, init_record: dict, r
               "needs_cuda": plan.impl.needs_cuda},
         trainer={"accelerator": plan.accelerator, "strategy": plan.strategy, "precision": plan.precision,
                  "world_size": plan.world_size, "sync_free_clip": clip_patched},
+        accel={**dataclasses.asdict(plan.accel), "label": plan.accel.label()},
         data={"prefix": portable_path(plan.data_prefix), "tokens": plan.data_tokens, "magic_prime": plan.magic_prime,
               "sha256": _sha256(Path(f"{plan.data_prefix}.bin"))},
         tokens_per_step=plan.tokens_per_step,

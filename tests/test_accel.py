@@ -1,0 +1,111 @@
+"""The accelerations (harness/training/accel.py): their options, the WKV custom ops under torch.compile, and the
+CUDA-graphed step against the eager one. Numerics against RWKV-LM's fp64 values are in test_golden.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close, needs_fla, realistic_wkv_inputs
+
+import impls
+from harness.errors import HarnessError
+from harness.model.rwkv import RWKV, ModelConfig
+from harness.training.accel import Accel, GraphedStep, clip_gradients, loss_function
+from impls.reference import wkv7_reference, wkv7_reference_backward, wkv7_reference_op
+
+TINY = ModelConfig(n_layer=2, n_embd=128, head_size=64, vocab_size=512, ctx_len=64)
+
+
+def test_options_are_booleans_and_named_in_a_label() -> None:
+    assert Accel().label() == "eager"
+    assert Accel.from_config({"compile": True, "cuda_graph": True}).label() == "compile+cuda_graph"
+    with pytest.raises(HarnessError, match="unknown accel option 'fused'"):
+        Accel.from_config({"fused": True})
+    with pytest.raises(HarnessError, match="accel.compile must be true or false"):
+        Accel.from_config({"compile": "yes"})
+
+
+def test_reference_backward_is_autograd_through_the_loop() -> None:
+    inputs = [t.double() for t in realistic_wkv_inputs(2, 24, 2, 16, seed=3)]
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    y, _ = wkv7_reference(*leaves)
+    dy = torch.randn_like(y)
+    want = dict(zip("rwkvab", torch.autograd.grad(y, leaves, dy), strict=True))
+    got = dict(zip("rwkvab", wkv7_reference_backward(*inputs, dy), strict=True))
+    assert_close(got, want, 1e-12, "analytic backward vs autograd")
+
+
+def test_wkv_custom_op_is_one_node_for_the_compiler() -> None:
+    inputs = realistic_wkv_inputs(1, 16, 2, 16, seed=0)
+    explanation = torch._dynamo.explain(lambda *x: wkv7_reference_op(*x).sum())(*inputs)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    torch.library.opcheck(torch.ops.rwkv_harness.wkv7_reference.default, [t.double() for t in inputs])
+
+
+def test_whole_model_compiles_without_graph_breaks() -> None:
+    model = RWKV(impls.get("reference"), ModelConfig(n_layer=2, n_embd=64, head_size=32, vocab_size=97, ctx_len=16))
+    idx = torch.randint(0, 97, (2, 16))
+    explanation = torch._dynamo.explain(lambda i, t: model.loss(i, t, fused=True))(idx, idx)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+# --- GPU: the CUDA-graphed step ----------------------------------------------------------------------------------
+
+
+def _model(impl: str) -> RWKV:
+    torch.manual_seed(0)
+    return RWKV(impls.get(impl), TINY).to("cuda", torch.bfloat16)
+
+
+def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    tokens = [torch.randint(0, TINY.vocab_size, (2, TINY.ctx_len + 1), generator=generator) for _ in range(n)]
+    return [(t[:, :-1].cuda(), t[:, 1:].cuda()) for t in tokens]
+
+
+def _train(model: RWKV, accel: Accel, batches: list) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Losses of an AdamW run over ``batches`` and the last gradients, eager or CUDA-graphed."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    loss_fn = loss_function(model, accel)
+
+    def forward_backward(idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = loss_fn(idx, targets)
+        loss.backward()
+        clip_gradients(model.parameters(), 1.0)
+        return loss.detach()
+
+    step = GraphedStep(forward_backward, model.parameters(), warmup=2) if accel.cuda_graph else forward_backward
+    losses = []
+    for idx, targets in batches:
+        if not accel.cuda_graph:
+            optimizer.zero_grad(set_to_none=True)
+        losses.append(float(step(idx, targets)))
+        optimizer.step()
+    return losses, {name: p.grad.float().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["rwkv", pytest.param("fla", marks=needs_fla)])
+@pytest.mark.parametrize("accel", [Accel(cuda_graph=True), Accel(compile=True, fused_loss=True, cuda_graph=True)],
+                         ids=lambda a: a.label())
+def test_graphed_steps_train_as_the_eager_steps(impl: str, accel: Accel) -> None:
+    """Six steps (two eager warm-up, capture, three replays) on six batches: each loss and the last gradients as the
+    same steps without the graph, so every replay computed its own batch, and the gradients it wrote are the ones the
+    optimizer stepped."""
+    batches = _batches(6)
+    eager_losses, eager_grads = _train(_model(impl), Accel(compile=accel.compile, fused_loss=accel.fused_loss),
+                                       batches)
+    graphed_losses, graphed_grads = _train(_model(impl), accel, batches)
+    assert len(set(graphed_losses)) == 6, "every replay must see its own batch"
+    assert graphed_losses == pytest.approx(eager_losses, rel=1e-2)
+    assert_close(graphed_grads, eager_grads, 5e-2, f"{impl} {accel.label()} vs eager, last step")
+
+
+@pytest.mark.gpu
+def test_graphed_step_refuses_another_batch_shape() -> None:
+    model = _model("rwkv")
+    step = GraphedStep(lambda i, t: model.loss(i, t), model.parameters(), warmup=0)
+    idx, targets = _batches(1)[0]
+    step(idx, targets)
+    with pytest.raises(HarnessError, match="one batch shape"):
+        step(idx[:1], targets[:1])
