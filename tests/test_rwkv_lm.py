@@ -1,7 +1,7 @@
 """impl=rwkv_lm: a user's own RWKV-LM checkout through the harness, on CPUs against the fixture checkout
 tests/fixtures/rwkv_lm_checkout (the harness's own pure-PyTorch stand-in with RWKV-LM's interface, no CUDA).
 
-What needs the GPU (HEAD's and dc6c3ec's kernels, their parallel build) runs in scripts/device/rwkv_lm_anchors.sh."""
+What needs the GPU (HEAD's and dc6c3ec's kernels, their parallel build) runs in scripts/device/step_grid.sh."""
 
 from __future__ import annotations
 

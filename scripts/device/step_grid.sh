@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# On the device: the bare training step (harness.bench step, results/bench/step.csv) of two RWKV-LM checkouts run
-# through impl=rwkv_lm -- HEAD (RWKV_KERNEL=@rwkv3, JIT on: all its fused kernels and its fused loss) and dc6c3ec
-# (the published comparison's baseline, JIT on) -- and of this project's rwkv_jit and fla, at the same batch sizes,
-# one process per row, in one call. The checkouts are exported here (ignored by git, see .git/info/exclude):
+# On the device: the bare training step (harness.bench step, results/bench/step.csv) of each ARM at each of BATCHES,
+# one process per row, in one call, so that every ratio between rows is measured on one machine in one run. An arm is
+#   head | dc6c3ec     an RWKV-LM checkout through impl=rwkv_lm: HEAD (RWKV_KERNEL=@rwkv3, JIT on: all its fused
+#                      kernels and its fused loss) or the published comparison's baseline (JIT on);
+#   IMPL[+OPTION...]   one of this project's impls with accelerations on (harness/training/accel.py), e.g.
+#                      rwkv+compile+fused_loss+cuda_graph.
+# The default ARMS are the anchors: head dc6c3ec rwkv_jit fla. The checkouts are exported here (ignored by git, see
+# .git/info/exclude):
 #   mkdir -p .upstream/head .upstream/dc6c3ec
 #   git -C <RWKV-LM> archive --prefix=RWKV-v7/train_temp/ HEAD:RWKV-v7/train_temp | tar x -C .upstream/head
 #   git -C <RWKV-LM> archive --prefix=RWKV-v7/train_temp/ dc6c3ec:RWKV-v7/train_temp | tar x -C .upstream/dc6c3ec
 # and carried: carry [".whl", ".device", ".upstream"].
-#   RWKV_GIT_COMMIT=<sha> RWKV_GIT_DIRTY=0 bash scripts/device/rwkv_lm_anchors.sh
+#   RWKV_GIT_COMMIT=<sha> RWKV_GIT_DIRTY=0 ARMS="head rwkv+compile+fused_loss" bash scripts/device/step_grid.sh
 # HEAD_LABEL names HEAD's rows (rwkv_lm-<label>; its export carries no commit), BATCHES the batch sizes. HEAD builds
 # its eight extensions on a thread pool at the first import (about 75 s), dc6c3ec its one; later rows reuse them.
 # Back under $OUT: step.csv and step.jsonl (the committed files plus the new rows: copy them over results/bench/),
@@ -15,7 +19,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/device/setup.sh
-HEAD_LABEL=${HEAD_LABEL:-head-524481d}; BATCHES=${BATCHES:-48 16}
+HEAD_LABEL=${HEAD_LABEL:-head-524481d}; BATCHES=${BATCHES:-48 16}; ARMS=${ARMS:-head dc6c3ec rwkv_jit fla}
+PROFILE_ARMS=${PROFILE_ARMS:-}  # arms also profiled (harness.bench step --profile) at the first batch size
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$HOME/inductor-cache}  # compiled arms reuse it
 BUDGET_S=${BUDGET_S:-570}; STEP_TIMEOUT_S=${STEP_TIMEOUT_S:-240}  # the call's limit, and one row's
 arm_args() {  # arm_args ARM: the step bench's arguments of that arm, into ARGS
   local checkout="+impl_options.path=.upstream/$1/RWKV-v7/train_temp"
@@ -24,7 +30,8 @@ arm_args() {  # arm_args ARM: the step bench's arguments of that arm, into ARGS
                 "+impl_options.label=$HEAD_LABEL") ;;
     dc6c3ec) ARGS=(impl=rwkv_lm "$checkout" "+impl_options.kernel=''" +impl_options.jit=true  # reads no RWKV_KERNEL
                    +impl_options.label=dc6c3ec) ;;
-    *) ARGS=("impl=$1") ;;
+    *) IFS=+ read -r -a parts <<< "$1"; ARGS=("impl=${parts[0]}")
+       for option in "${parts[@]:1}"; do ARGS+=("accel.$option=true"); done ;;
   esac
 }
 for folder in head dc6c3ec; do
@@ -32,7 +39,7 @@ for folder in head dc6c3ec; do
 done
 start_all=$(date +%s)
 for bsz in $BATCHES; do
-  for arm in head dc6c3ec rwkv_jit fla; do
+  for arm in $ARMS; do
     left=$(( BUDGET_S - ($(date +%s) - start_all) ))
     if [ "$left" -lt 45 ]; then echo "=== $arm bsz=$bsz: skipped, ${left} s of the call left"; continue; fi
     start=$(date +%s)
@@ -44,6 +51,11 @@ for bsz in $BATCHES; do
     { echo "=== $arm bsz=$bsz"; cat "$log"; } >> "$OUT/anchors.log"
     echo "=== $arm bsz=$bsz: exit $status, $(( $(date +%s) - start )) s: $(grep -E 'kt/s|^error' "$log" | tail -1)"
     cp results/bench/step.csv results/bench/step.jsonl "$OUT/"  # after each row: a later timeout keeps these
+    if [[ " $PROFILE_ARMS " == *" $arm "* && $bsz == "${BATCHES%% *}" ]]; then
+      timeout 200 python3 -m harness.bench step "${ARGS[@]}" bsz="$bsz" out=/tmp/profiles --profile \
+        > "/tmp/profile-$arm.log" 2>&1
+      { echo "=== profile $arm bsz=$bsz"; cat "/tmp/profile-$arm.log"; } >> "$OUT/profiles.log"
+    fi
   done
 done
 return_device_records
