@@ -21,6 +21,9 @@ from harness.errors import HarnessError
 from harness.model.rwkv import RWKV
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# Inductor's mix-order reductions (torch 2.10+, Triton) return the gradient of a [1, 1, C] parameter as [C], which
+# autograd refuses ("CompiledFunctionBackward returned an invalid gradient"; pytorch/pytorch#178080): off.
+INDUCTOR_OPTIONS = {"triton.mix_order_reduction": False}
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,7 @@ def loss_function(model: RWKV, accel: Accel) -> LossFn:
     def loss(idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return model.loss(idx, targets, fused=fused)
 
-    return torch.compile(loss, dynamic=False) if accel.compile else loss
+    return torch.compile(loss, dynamic=False, options=INDUCTOR_OPTIONS) if accel.compile else loss
 
 
 class GraphedStep:
