@@ -86,18 +86,18 @@ def _train(model: RWKV, accel: Accel, batches: list) -> tuple[list[float], dict[
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["rwkv", pytest.param("fla", marks=needs_fla)])
-@pytest.mark.parametrize("accel", [Accel(cuda_graph=True), Accel(compile=True, fused_loss=True, cuda_graph=True)],
-                         ids=lambda a: a.label())
+@pytest.mark.parametrize("accel", [Accel(fused_loss=True, cuda_graph=True),
+                                   Accel(compile=True, fused_loss=True, cuda_graph=True)], ids=lambda a: a.label())
 def test_graphed_steps_train_as_the_eager_steps(impl: str, accel: Accel) -> None:
     """Six steps (two eager warm-up, capture, three replays) on six batches: each loss and the last gradients as the
     same steps without the graph, so every replay computed its own batch, and the gradients it wrote are the ones the
-    optimizer stepped."""
+    optimizer stepped. The fused loss comes back in fp32 (a bf16 loss is too coarse to tell the batches apart)."""
     batches = _batches(6)
     eager_losses, eager_grads = _train(_model(impl), Accel(compile=accel.compile, fused_loss=accel.fused_loss),
                                        batches)
     graphed_losses, graphed_grads = _train(_model(impl), accel, batches)
     assert len(set(graphed_losses)) == 6, "every replay must see its own batch"
-    assert graphed_losses == pytest.approx(eager_losses, rel=1e-2)
+    assert graphed_losses == pytest.approx(eager_losses, rel=2e-3)
     assert_close(graphed_grads, eager_grads, 5e-2, f"{impl} {accel.label()} vs eager, last step")
 
 

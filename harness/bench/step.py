@@ -110,12 +110,12 @@ def build(cfg: StepConfig) -> Bench:
 def measure(cfg: StepConfig) -> dict[str, object]:
     """Time ``cfg.steps`` training steps after ``cfg.warmup``; the result row without environment fields."""
     bench = build(cfg)
+    cuda = cfg.device.startswith("cuda")
+    if cuda:  # the peak over warm-up and timed steps: a CUDA graph's pool is allocated at capture, in the warm-up
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(cfg.warmup):
         bench.train_step()
     synchronize(cfg.device)
-    cuda = cfg.device.startswith("cuda")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(cfg.steps):
         loss = bench.train_step()
