@@ -53,11 +53,36 @@ def test_training_throughput_is_divided_by_the_matching_bare_step():
 
     table = throughput_table(load_runs(FIXTURE))
     gpu = table["gpu"].iloc[0]
-    bench = pd.DataFrame({"gpu": [gpu, gpu, "other"], "impl": ["rwkv_jit", "rwkv_jit", "fla"], "bsz": [2, 4, 2],
-                          "kt_per_s": [200.0, 1.0, 1.0]})
-    ratios = with_bare_ratio(table, bench).set_index("impl")["vs_bare"]
+    bench = pd.DataFrame({"gpu": [gpu, gpu, gpu, "other"], "impl": ["rwkv_jit", "rwkv_jit", "rwkv_jit", "fla"],
+                          "bsz": [2, 2, 4, 2], "accel": ["eager", "compile", "eager", "eager"],
+                          "kt_per_s": [200.0, 1.0, 1.0, 1.0]})
+    ratios = with_bare_ratio(table, bench).set_index("impl")["vs_bare"]  # the runs are eager: the eager bare row
     assert ratios["rwkv_jit"] == pytest.approx(table.set_index("impl").loc["rwkv_jit", "kt_s_aggregate"] / 200.0)
     assert np.isnan(ratios["fla"])  # no bare step for fla at bsz 2 on this GPU
+
+
+def test_bare_step_table_names_accelerations_and_divides_by_head_of_the_same_commit(tmp_path):
+    import pandas as pd
+
+    from harness.bench.step import FIELDS
+    from harness.report.summary import bench_table, fastest_against_head
+
+    def row(impl, accel, kt, commit, timestamp):
+        return {**dict.fromkeys(FIELDS), "timestamp": timestamp, "impl": impl, "bsz": 48, "kt_per_s": kt,
+                "gpu": "G", "git_commit": commit, "accel": accel, "mfu": kt / 1000, "peak_mem_gib": 1.0}
+
+    rows = [row("rwkv_lm-head-1", None, 100.0, "a", "1"), row("rwkv", "eager", 80.0, "a", "2"),  # old rows: no accel
+            row("rwkv_lm-head-1", "eager", 120.0, "b", "3"), row("rwkv", "compile", 150.0, "b", "4"),
+            row("rwkv", "eager", 90.0, "b", "5")]
+    (tmp_path / "bench").mkdir()
+    pd.DataFrame(rows, columns=FIELDS).to_csv(tmp_path / "bench" / "step.csv", index=False)
+    table = bench_table(tmp_path).set_index(["impl", "accel"])
+    assert table.loc[("rwkv", "compile"), "vs_head"] == pytest.approx(150 / 120)
+    assert table.loc[("rwkv", "eager"), "kt_per_s"] == 90.0  # the latest eager row, against HEAD of its commit
+    assert table.loc[("rwkv", "eager"), "vs_head"] == pytest.approx(90 / 120)
+    assert table.loc[("rwkv_lm-head-1", "eager"), "kt_per_s"] == 120.0  # the old row without accel is eager too
+    (line,) = fastest_against_head(table.reset_index())
+    assert "`rwkv` with `compile`" in line and "1.25x RWKV-LM HEAD" in line
 
 
 def test_loss_table_ci_across_seeds():
@@ -94,7 +119,7 @@ def test_report_end_to_end_is_byte_identical(tmp_path):
     second = build_report(results, figures, csv=True)
     assert _digests(second) == digests
     summary = (results / "summary.md").read_text()
-    assert "| fixture-exp | rwkv_jit | shared | 2 | by_role | 2 | 20 | 6 |" in summary
+    assert "| fixture-exp | rwkv_jit | shared | 2 | by_role | eager | 2 | 20 | 6 |" in summary
 
 
 def test_report_cli_subset_and_readme_embedding(tmp_path):
@@ -157,7 +182,8 @@ def test_scaling_table_pairs_runs_that_differ_only_in_gpu_count():
 
     def run(run_id: str, world_size: int, bsz: int, step_time: float, loss_shift: float, steps: int = 300):
         return pd.DataFrame({"experiment": "scale", "run_id": run_id, "impl": "rwkv_jit", "init": "shared",
-                             "grouping": "by_role", "seed": 0, "bsz": bsz, "world_size": world_size, "gpu": "G",
+                             "grouping": "by_role", "accel": "eager", "seed": 0, "bsz": bsz, "world_size": world_size,
+                             "gpu": "G",
                              "strategy": "deepspeed_stage_2", "step": range(steps),
                              "tokens": [(s + 1) * 96 * 512 for s in range(steps)],
                              "loss": [5.0 - s / 100 + loss_shift * (s % 2) for s in range(steps)],
@@ -204,7 +230,7 @@ def test_unreadable_runs_are_named_in_one_warning_line_and_the_good_ones_reporte
     assert all(str(path) in line for path in bad.values()), line
     assert "(corrupt:" in line and "(empty)" in line and "(not JSON" in line
     summary = (results / "summary.md").read_text()
-    assert "| fixture-exp | rwkv_jit | shared | 2 | by_role | 2 | 20 | 6 |" in summary and "broken" not in summary
+    assert "| fixture-exp | rwkv_jit | shared | 2 | by_role | eager | 2 | 20 | 6 |" in summary and "broken" not in summary
 
 
 def test_loading_skips_each_kind_of_unreadable_run(tmp_path, capsys):

@@ -27,9 +27,9 @@ from harness.bench import decoding_report, wkv_op_report
 from harness.bench.grid import Series, device_label
 from harness.errors import HarnessError, exit_on_user_error
 from harness.figures import save_figure
-from harness.tables import markdown_table
+from harness.tables import format_throughput, markdown_table
 
-ARM_KEYS = ["experiment", "impl", "init", "bsz", "grouping"]
+ARM_KEYS = ["experiment", "impl", "init", "bsz", "grouping", "accel"]
 LAST_STEPS = 200  # the published comparison's metric: mean loss over the last 200 steps
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -85,7 +85,8 @@ def _run_columns(run: dict) -> dict[str, object]:
             "bsz": config.get("bsz"), "grouping": config.get("optim", {}).get("grouping"), "seed": config.get("seed"),
             "gpu": _gpu_of(run), "status": run.get("status"), "strategy": run.get("trainer", {}).get("strategy"),
             "world_size": run.get("trainer", {}).get("world_size", 1),
-            "data_sha256": run.get("data", {}).get("sha256")}
+            "data_sha256": run.get("data", {}).get("sha256"),
+            "accel": run.get("accel", {}).get("label", "eager")}
 
 
 def _read_steps(steps_csv: Path) -> pd.DataFrame:
@@ -195,7 +196,7 @@ def loss_table(steps: pd.DataFrame) -> pd.DataFrame:
     return table if shared_arm else table.drop(columns="gpu", errors="ignore")
 
 
-SCALING_KEYS = ["experiment", "impl", "init", "grouping", "seed", "global_bsz", "gpu"]
+SCALING_KEYS = ["experiment", "impl", "init", "grouping", "accel", "seed", "global_bsz", "gpu"]
 SCALING_STEPS = 200  # issue 9: losses of 1 and N GPUs compared over the first 200 steps
 SMOOTH = 25
 
@@ -326,14 +327,26 @@ def plot_loss_gap(steps: pd.DataFrame, path: Path, baseline: str, window: int = 
 # --- tables ----------------------------------------------------------------------------------------------
 
 
+HEAD_PREFIX = "rwkv_lm-head"  # the bench rows of upstream RWKV-LM HEAD through impl=rwkv_lm (scripts/device/step_grid.sh)
+BENCH_KEYS = ["gpu", "impl", "bsz", "accel"]
+
+
 def bench_table(results_dir: Path) -> pd.DataFrame | None:
-    """Latest bare-loop step benchmark per (gpu, impl, bsz), beside the upstream anchor measured the same way on the
-    same GPU model (only the H100 has anchors)."""
+    """Latest bare-loop step benchmark per (gpu, impl, bsz, accel). ``vs_head``: kt/s over upstream RWKV-LM HEAD's row
+    at the same bsz measured by the same commit on the same GPU model (one grid, one machine:
+    scripts/device/step_grid.sh); ``upstream_kt_s``: the H100 anchors measured the same way."""
     path = results_dir / "bench" / "step.csv"
     if not path.exists():
         return None
-    bench = pd.read_csv(path).sort_values("timestamp").groupby(["gpu", "impl", "bsz"], sort=True).tail(1)
-    table = bench[["gpu", "impl", "bsz", "kt_per_s", "step_ms", "peak_mem_gib", "git_commit"]].copy()
+    rows = pd.read_csv(path)
+    rows["accel"] = rows["accel"].fillna("eager")
+    bench = rows.sort_values("timestamp").groupby(BENCH_KEYS, sort=True).tail(1)
+    table = bench[["gpu", "impl", "accel", "bsz", "kt_per_s", "step_ms", "peak_mem_gib", "mfu", "git_commit"]].copy()
+    head = rows[rows["impl"].str.startswith(HEAD_PREFIX)].sort_values("timestamp")
+    head = head.groupby(["gpu", "git_commit", "bsz"]).tail(1)[["gpu", "git_commit", "bsz", "kt_per_s"]]
+    table = table.merge(head.rename(columns={"kt_per_s": "head_kt_s"}), on=["gpu", "git_commit", "bsz"], how="left")
+    table["vs_head"] = (table["kt_per_s"] / table["head_kt_s"]).round(3)
+    table = table.drop(columns="head_kt_s")
     table["git_commit"] = table["git_commit"].astype(str).str[:8]
     anchors_path = results_dir / "anchors" / "h100_upstream.csv"
     if anchors_path.exists():
@@ -341,17 +354,30 @@ def bench_table(results_dir: Path) -> pd.DataFrame | None:
             columns={"kt_per_s": "upstream_kt_s"})
         table = table.merge(anchors, on=["gpu", "impl", "bsz"], how="left")
         table["vs_upstream"] = table["kt_per_s"] / table["upstream_kt_s"]
-    return table.sort_values(["gpu", "bsz", "impl"], ascending=[True, False, True]).reset_index(drop=True)
+    return table.sort_values(["gpu", "bsz", "kt_per_s"], ascending=[True, False, False]).reset_index(drop=True)
 
 
 def with_bare_ratio(throughput: pd.DataFrame, bench: pd.DataFrame | None) -> pd.DataFrame:
-    """``vs_bare``: a training run's aggregate kt/s over the bare step of the same impl and bsz on the same GPU."""
+    """``vs_bare``: a training run's aggregate kt/s over the bare step of the same impl, bsz and accelerations on the
+    same GPU."""
     if bench is None or throughput.empty:
         return throughput.assign(vs_bare=np.nan)
-    bare = bench[["gpu", "impl", "bsz", "kt_per_s"]].rename(columns={"kt_per_s": "bare_kt_s"})
-    merged = throughput.merge(bare, on=["gpu", "impl", "bsz"], how="left")
+    bare = bench[BENCH_KEYS + ["kt_per_s"]].rename(columns={"kt_per_s": "bare_kt_s"})
+    merged = throughput.merge(bare, on=BENCH_KEYS, how="left")
     merged["vs_bare"] = merged["kt_s_aggregate"] / merged["bare_kt_s"]
     return merged.drop(columns="bare_kt_s")
+
+
+def fastest_against_head(table: pd.DataFrame) -> list[str]:
+    """One line per GPU and bsz with a HEAD row: the fastest configuration of this project's impls and its ratio."""
+    lines = []
+    ours = table[~table["impl"].str.startswith("rwkv_lm") & table["vs_head"].notna()]
+    for (gpu, bsz), group in ours.groupby(["gpu", "bsz"], sort=False):
+        best = group.loc[group["kt_per_s"].idxmax()]
+        lines.append(f"- {gpu}, bsz {bsz}: fastest here `{best['impl']}` with `{best['accel']}`, "
+                     f"{format_throughput(best['kt_per_s'])} ({best['vs_head']:.2f}x RWKV-LM HEAD measured with it), "
+                     f"peak {best['peak_mem_gib']} GiB, MFU {best['mfu']:.1%}.")
+    return lines
 
 
 def bench_markdown(table: pd.DataFrame | None) -> list[str]:
@@ -359,8 +385,13 @@ def bench_markdown(table: pd.DataFrame | None) -> list[str]:
         return []
     return [
         "### Bare training step (fwd + bwd + AdamW, L12 D768 ctx 512, bf16, random tokens)",
-        "From results/bench/step.csv (`python -m harness.bench step`); `upstream_kt_s` from "
-        "results/anchors/h100_upstream.csv, measured the same way on the same GPU model (H100 only).",
+        "From results/bench/step.csv (`python -m harness.bench step`, `scripts/device/step_grid.sh`): the latest row "
+        "per GPU, impl, bsz and `accel` (harness/training/accel.py; `eager`: none). `rwkv_lm-head-*` and "
+        "`rwkv_lm-dc6c3ec` are upstream RWKV-LM checkouts through `impl=rwkv_lm`. `vs_head`: over HEAD's row at the "
+        "same bsz measured by the same commit (one grid on one machine). `mfu`: 6 x non-embedding parameters per "
+        "token over the GPU's dense bf16 peak. `peak_mem_gib` covers warm-up and timed steps. `upstream_kt_s`: "
+        "results/anchors/h100_upstream.csv, measured the same way (H100 only).",
+        *fastest_against_head(table),
         markdown_table(table),
     ]
 
