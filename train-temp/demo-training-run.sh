@@ -5,7 +5,10 @@
 # steps), warm-up 10, betas 0.9/0.99, eps 1e-18, weight decay 0.001, grad clip 1, 2000 steps.
 #
 #   train-temp/demo-training-run.sh ARM [RECIPE] [extra hydra overrides...]
-#     ARM:    rwkv | rwkv_jit | fla-share | fla-separate | fla-native
+#     ARM:    rwkv | rwkv_jit | fla-share | fla-separate | fla-native | fla-share-by_name | head
+#             (fla-share-by_name: FLA from shared weights with the published optimizer groups whatever the recipe,
+#              the confound arm; head: upstream RWKV-LM HEAD through impl=rwkv_lm, its checkout at $HEAD_CHECKOUT,
+#              default .upstream/head/RWKV-v7/train_temp, kernel @rwkv3, JIT on)
 #     RECIPE: fair (default: optimizer groups by parameter role, identical for every impl)
 #             published (RWKV-LM's name rules on each impl's names: under FLA w0 loses its 2x lr and the
 #                        LoRA matrices gain weight decay, as in the published comparison)
@@ -21,16 +24,25 @@ case "$ARM" in
   fla-share)    IMPL=fla;      INIT=shared ;;
   fla-separate) IMPL=fla;      INIT=seed_separate ;;
   fla-native)   IMPL=fla;      INIT=native ;;
-  *) echo "error: unknown arm '$ARM' (rwkv, rwkv_jit, fla-share, fla-separate, fla-native)" >&2; exit 2 ;;
+  fla-share-by_name) IMPL=fla;  INIT=shared ;;
+  head)         IMPL=rwkv_lm;  INIT=shared ;;
+  *) echo "error: unknown arm '$ARM' (rwkv, rwkv_jit, fla-share, fla-separate, fla-native, fla-share-by_name, head)" >&2
+     exit 2 ;;
 esac
+IMPL_ARGS=()
+if [ "$IMPL" = rwkv_lm ]; then
+  IMPL_ARGS=("impl.path=${HEAD_CHECKOUT:-.upstream/head/RWKV-v7/train_temp}" "impl.kernel=@rwkv3" "impl.jit=true"
+             "impl.label=${HEAD_LABEL:-head-524481d}")
+fi
 case "$RECIPE" in
   fair)      GROUPING=by_role ;;
   published) GROUPING=by_name ;;
   *) echo "error: unknown recipe '$RECIPE' (fair, published)" >&2; exit 2 ;;
 esac
+[ "$ARM" = fla-share-by_name ] && GROUPING=by_name
 
 exec python -m harness.run \
-  impl=$IMPL init=$INIT model=L12-D768 data=${DATA:-minipile} \
+  impl=$IMPL "${IMPL_ARGS[@]}" init=$INIT model=L12-D768 data=${DATA:-minipile} \
   experiment=${EXPERIMENT:-published-study-$RECIPE} seed=${SEED:-0} \
   bsz=48 trainer=gpu trainer.devices=1 trainer.num_nodes=1 trainer.strategy=deepspeed_stage_2 \
   trainer.precision=bf16-mixed trainer.grad_cp=true trainer.max_steps=2000 \

@@ -27,11 +27,11 @@ from harness.bench import decoding_report, wkv_op_report
 from harness.bench.grid import Series, device_label
 from harness.errors import HarnessError, exit_on_user_error
 from harness.figures import save_figure
+from harness.report.stats import LAST_STEPS, mean_ci95, tukey_filter
+from harness.report.study import study_markdown
 from harness.tables import format_throughput, markdown_table
 
 ARM_KEYS = ["experiment", "impl", "init", "bsz", "grouping", "accel"]
-LAST_STEPS = 200  # the published comparison's metric: mean loss over the last 200 steps
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 # --- loading ---------------------------------------------------------------------------------------------
@@ -86,7 +86,8 @@ def _run_columns(run: dict) -> dict[str, object]:
             "gpu": _gpu_of(run), "status": run.get("status"), "strategy": run.get("trainer", {}).get("strategy"),
             "world_size": run.get("trainer", {}).get("world_size", 1),
             "data_sha256": run.get("data", {}).get("sha256"),
-            "accel": run.get("accel", {}).get("label", "eager")}
+            "accel": run.get("accel", {}).get("label", "eager"),
+            "loss_only": bool(run.get("trainer", {}).get("loss_only", False))}
 
 
 def _read_steps(steps_csv: Path) -> pd.DataFrame:
@@ -116,34 +117,7 @@ def _arm(key: tuple) -> dict:
     return dict(zip(ARM_KEYS, key, strict=True))
 
 
-# --- statistics ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class IQRFiltered:
-    kept: np.ndarray
-    removed: int
-    low: float
-    high: float
-    iqr: float
-
-
-def tukey_filter(values: np.ndarray, k: float = 1.5) -> IQRFiltered:
-    """Keep values within [Q1 - k*IQR, Q3 + k*IQR] (quartiles by linear interpolation)."""
-    q1, q3 = np.percentile(values, [25, 75])
-    low, high = q1 - k * (q3 - q1), q3 + k * (q3 - q1)
-    mask = (values >= low) & (values <= high)
-    return IQRFiltered(values[mask], int((~mask).sum()), float(low), float(high), float(q3 - q1))
-
-
-def mean_ci95(values: np.ndarray) -> tuple[float, float | None]:
-    """Mean and half-width of its 95% t-interval (None with a single value)."""
-    n = len(values)
-    mean = float(np.mean(values))
-    if n < 2:
-        return mean, None
-    t = T_975.get(n - 1, 1.96)
-    return mean, float(t * np.std(values, ddof=1) / np.sqrt(n))
+# --- tables ----------------------------------------------------------------------------------------------
 
 
 def throughput_table(steps: pd.DataFrame) -> pd.DataFrame:
@@ -151,14 +125,14 @@ def throughput_table(steps: pd.DataFrame) -> pd.DataFrame:
     against the fastest arm of the same experiment on the same GPU model."""
     rows = []
     for (*arm, gpu), group in steps.groupby([*ARM_KEYS, "gpu"], dropna=False, sort=True):
-        timed = group[group["warmup"] == 0]
+        timed = group[(group["warmup"] == 0) & ~group["loss_only"].astype(bool)]  # a run sharing its GPU: no speed
         if timed.empty:
             continue
         filtered = tukey_filter(timed["kt_per_s"].to_numpy())
         tokens_per_step = (group["tokens"] / (group["step"] + 1)).iloc[0]
         rows.append({
             **_arm(arm),
-            "runs": group["run_id"].nunique(),
+            "runs": timed["run_id"].nunique(),
             "timed_steps": len(timed),
             "iqr_removed": filtered.removed,
             "kt_s_filtered_mean": float(filtered.kept.mean()),
@@ -534,7 +508,8 @@ def build_report(results_dir: Path, figures_dir: Path, experiments: list[str] | 
             written.append(out / "loss_gap.png")
     bench = bench_table(results_dir)
     throughput = with_bare_ratio(throughput, bench)
-    extra = overhead_markdown(results_dir) + kernels_markdown(results_dir) + inference_markdown(results_dir)
+    extra = (study_markdown(results_dir, steps) + overhead_markdown(results_dir) + kernels_markdown(results_dir)
+             + inference_markdown(results_dir))
     summary = summary_markdown(throughput, losses, steps, bench, extra)
     (results_dir / "summary.md").write_text(summary)
     written.append(results_dir / "summary.md")

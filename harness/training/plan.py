@@ -88,7 +88,8 @@ def plan_run(cfg: DictConfig) -> Plan:
     prime = validate_for_training(data, model_cfg.ctx_len)
     check_token_ids(data, model_cfg.vocab_size)
     world_size = int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)
-    run_id = cfg.run_id or f"{impl.name}-{cfg.init.mode}-bsz{cfg.bsz}-seed{cfg.seed}"
+    accel = Accel.from_config(cfg.get("accel"))
+    run_id = cfg.run_id or default_run_id(impl.name, cfg.init.mode, cfg.optim.grouping, accel, cfg.bsz, cfg.seed)
     plan = Plan(
         impl=impl, model_cfg=model_cfg, run_dir=RunDir(Path(cfg.results_dir) / cfg.experiment / run_id),
         data_prefix=prefix, data_tokens=data.num_tokens, magic_prime=prime, micro_bsz=cfg.bsz,
@@ -97,7 +98,7 @@ def plan_run(cfg: DictConfig) -> Plan:
         precision=_precision(cfg.trainer.precision, accelerator),
         deepspeed=deepspeed_knobs(cfg.trainer.deepspeed, world_size),
         sync_free_clip=bool(cfg.trainer.sync_free_clip),
-        accel=Accel.from_config(cfg.get("accel")),
+        accel=accel,
     )
     _check_accel(plan)
     for directory in (plan.run_dir.path, shared_init_file(cfg, model_cfg).parent):
@@ -105,6 +106,13 @@ def plan_run(cfg: DictConfig) -> Plan:
     if cfg.trainer.memory_check and is_launching_rank_zero():
         _check_memory(plan, int(cfg.trainer.devices))
     return plan
+
+
+def default_run_id(impl: str, init: str, grouping: str, accel: Accel, bsz: int, seed: int) -> str:
+    """``<impl>-<init>-bsz<bsz>-seed<seed>``, naming the optimizer grouping and the accelerations where they are not
+    the defaults (``fla-shared-by_name-bsz48-seed0``), so that such arms live beside the default ones."""
+    variants = [grouping] * (grouping != "by_role") + [accel.label()] * (accel.label() != "eager")
+    return "-".join([impl, init, *variants, f"bsz{bsz}", f"seed{seed}"])
 
 
 def _check_accel(plan: Plan) -> None:

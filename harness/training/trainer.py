@@ -55,7 +55,8 @@ from impls import triton_autotune
 
 # Keys that may change between a run and its resumption without changing what is computed.
 RESUME_NEUTRAL_KEYS = ("trainer.ckpt_every", "trainer.num_workers", "trainer.profile_steps", "trainer.progress_every",
-                       "trainer.sync_debug_steps", "trainer.gc_every", "trainer.memory_check", "overwrite")
+                       "trainer.sync_debug_steps", "trainer.gc_every", "trainer.memory_check", "trainer.loss_only",
+                       "overwrite")
 
 
 # --- configuration -----------------------------------------------------------------------------------
@@ -351,7 +352,8 @@ def _record_start(cfg: DictConfig, plan: Plan, model: RWKV, init_record: dict, r
         impl={"name": plan.impl.name, "description": plan.impl.description, "flags": plan.impl.flags,
               "needs_cuda": plan.impl.needs_cuda},
         trainer={"accelerator": plan.accelerator, "strategy": plan.strategy, "precision": plan.precision,
-                 "world_size": plan.world_size, "sync_free_clip": clip_patched},
+                 "world_size": plan.world_size, "sync_free_clip": clip_patched,
+                 "loss_only": bool(cfg.trainer.loss_only)},
         accel={**dataclasses.asdict(plan.accel), "label": plan.accel.label()},
         data={"prefix": portable_path(plan.data_prefix), "tokens": plan.data_tokens, "magic_prime": plan.magic_prime,
               "sha256": _sha256(Path(f"{plan.data_prefix}.bin"))},

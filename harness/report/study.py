@@ -1,0 +1,198 @@
+"""The study's headline: what explains the published RWKV-vs-FLA gaps, cause by cause, with confidence intervals across
+seeds (``python -m harness.report`` embeds it in results/summary.md).
+
+* **Loss, by cause.** For each arm of the study experiment, its gap to ``rwkv_jit`` from shared weights with the fair
+  optimizer groups (the baseline): per seed, the difference of the two runs' mean losses over their last 200 steps
+  (same seed: same init, same batches), then the mean of those paired differences and its 95% t-interval. The arm
+  is "equal within noise" to the baseline when that interval holds 0 (with at least two seeds; the interval's width
+  says how small a difference the seeds could see), "higher" or "lower" when it does not. The published gap beside it
+  is the published arm's loss minus the published RWKV-LM run's (results/published/rwkv-fla-comparison.csv).
+* **Speed, by layer of the stack.** FLA over ``rwkv_jit`` at bsz 48 on one GPU model: the WKV op alone
+  (results/bench/kernels.csv, B=48 T=512 H=12, forward + backward), the bare step (results/bench/step.csv, eager),
+  plain Lightning (results/bench/trainer_overhead.csv, ``plain_bf16_true``) and DeepSpeed ZeRO-2 (the study's own
+  dedicated runs; runs flagged ``loss_only`` shared their GPU and give no speed), beside the published ratio.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from harness.report.stats import LAST_STEPS, mean_ci95
+from harness.tables import markdown_table
+
+STUDY_EXPERIMENT = "study-fair-bsz48"
+BASELINE = ("rwkv_jit", "shared", "by_role")
+PUBLISHED = Path("published") / "rwkv-fla-comparison.csv"
+PUBLISHED_BASELINE = "rwkv"  # the published losses are against RWKV-LM without JIT (its speed: with and without)
+
+
+@dataclass(frozen=True)
+class Cause:
+    label: str
+    impl: str  # an fnmatch pattern: rwkv_lm-head-* matches HEAD's runs whatever their label
+    init: str
+    grouping: str
+    published_arm: str | None = None
+
+
+CAUSES = (
+    Cause("kernels and numerics (FLA, shared weights, fair groups)", "fla", "shared", "by_role"),
+    Cause("optimizer groups by RWKV-LM's names (the published confound)", "fla", "shared", "by_name", "fla-share"),
+    Cause("FLA's native time-mix init", "fla", "native", "by_role"),
+    Cause("the published 'separate' init (PyTorch defaults outside the time-mix)", "fla", "seed_separate", "by_role",
+          "fla-separate"),
+    Cause("TorchScript off (control: the same math)", "rwkv", "shared", "by_role"),
+    Cause("RWKV-LM HEAD's fused kernels and loss", "rwkv_lm-head-*", "shared", "by_role"),
+)
+
+
+def run_losses(steps: pd.DataFrame, experiment: str = STUDY_EXPERIMENT) -> pd.DataFrame:
+    """One row per run of ``experiment``: impl, init, grouping, seed, steps and its mean loss over its last
+    :data:`LAST_STEPS` steps."""
+    runs = steps[steps["experiment"] == experiment]
+    rows = []
+    for (impl, init, grouping, seed, run_id), run in runs.groupby(["impl", "init", "grouping", "seed", "run_id"],
+                                                                   sort=True):
+        run = run.sort_values("step")
+        rows.append({"impl": impl, "init": init, "grouping": grouping, "seed": int(seed), "run_id": run_id,
+                     "steps": int(run["step"].max()) + 1, "loss": float(run.tail(LAST_STEPS)["loss"].mean())})
+    return pd.DataFrame(rows, columns=["impl", "init", "grouping", "seed", "run_id", "steps", "loss"])
+
+
+def _arm(losses: pd.DataFrame, impl: str, init: str, grouping: str) -> pd.DataFrame:
+    matches = losses["impl"].map(lambda name: fnmatch.fnmatchcase(name, impl))
+    chosen = losses[matches & (losses["init"] == init) & (losses["grouping"] == grouping)]
+    return chosen.drop_duplicates("seed", keep="last").set_index("seed")  # one run per seed (the latest label)
+
+
+def verdict(mean: float, half: float | None) -> str:
+    """"equal within noise" when the 95% interval holds 0; "higher"/"lower" when it does not; no verdict from one
+    seed."""
+    if half is None or np.isnan(half):
+        return "one seed: no interval"
+    if abs(mean) <= half:
+        return "equal within noise"
+    return "higher" if mean > 0 else "lower"
+
+
+def cause_table(steps: pd.DataFrame, published: pd.DataFrame | None, experiment: str = STUDY_EXPERIMENT
+                ) -> pd.DataFrame:
+    """Each cause's loss gap to the baseline, paired by seed over runs of equal length, with its 95% interval."""
+    losses = run_losses(steps, experiment)
+    base = _arm(losses, *BASELINE)
+    published_loss = {} if published is None else published[published["quantity"] == "loss_last200"].set_index(
+        "arm")["value"].to_dict()
+    rows = []
+    for cause in CAUSES:
+        arm = _arm(losses, cause.impl, cause.init, cause.grouping)
+        seeds = sorted(seed for seed in set(arm.index) & set(base.index)
+                       if arm.loc[seed, "steps"] == base.loc[seed, "steps"])
+        if not seeds:
+            continue
+        gaps = np.array([arm.loc[seed, "loss"] - base.loc[seed, "loss"] for seed in seeds])
+        mean, half = mean_ci95(gaps)
+        published_gap = (published_loss[cause.published_arm] - published_loss[PUBLISHED_BASELINE]
+                         if cause.published_arm in published_loss and PUBLISHED_BASELINE in published_loss else None)
+        rows.append({"cause": cause.label, "arm": f"{cause.impl} {cause.init} {cause.grouping}",
+                     "seeds": len(seeds), "steps": int(base.loc[seeds[0], "steps"]), "loss_gap": mean,
+                     "ci95": half, "ci_width": None if half is None else 2 * half,
+                     "verdict": verdict(mean, half), "published_gap": published_gap})
+    return pd.DataFrame(rows)
+
+
+def speed_layers(results_dir: Path, steps: pd.DataFrame, experiment: str = STUDY_EXPERIMENT) -> pd.DataFrame:
+    """FLA over rwkv_jit at each layer of the stack, per GPU model (see the module docstring)."""
+    rows = [*_wkv_op_ratio(results_dir), *_bare_step_ratio(results_dir), *_plain_lightning_ratio(results_dir),
+            *_deepspeed_ratio(steps, experiment)]
+    published = _published(results_dir)
+    if published is not None:
+        speed = published[published["quantity"] == "kt_per_s"].set_index("arm")["value"]
+        rows.append({"layer": "published training (DeepSpeed ZeRO-2, grad_cp on)", "gpu": "published (not stated)",
+                     "fla": speed["fla"], "rwkv_jit": speed["rwkv_jit"], "fla_vs_rwkv_jit": speed["fla"] /
+                     speed["rwkv_jit"], "unit": "kt/s"})
+    return pd.DataFrame(rows, columns=["layer", "gpu", "fla", "rwkv_jit", "fla_vs_rwkv_jit", "unit"])
+
+
+def _latest(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    return frame.sort_values("timestamp").groupby(keys).tail(1) if "timestamp" in frame else frame.groupby(keys).tail(1)
+
+
+def _wkv_op_ratio(results_dir: Path) -> list[dict]:
+    path = results_dir / "bench" / "kernels.csv"
+    if not path.exists():
+        return []
+    k = pd.read_csv(path)
+    shape = k[(k["B"] == 48) & (k["T"] == 512) & (k["H"] == 12) & (k["mode"] == "fwdbwd") & (k["status"] == "ok")]
+    times = _latest(shape, ["gpu", "kernel"]).pivot_table(index="gpu", columns="kernel", values="median_ms")
+    return [{"layer": "WKV op alone (B=48 T=512 H=12, fwd+bwd; time: lower is faster)", "gpu": gpu,
+             "fla": row["fla_chunk"], "rwkv_jit": row["cuda"], "fla_vs_rwkv_jit": row["cuda"] / row["fla_chunk"],
+             "unit": "ms"} for gpu, row in times.iterrows() if {"fla_chunk", "cuda"} <= set(row.dropna().index)]
+
+
+def _bare_step_ratio(results_dir: Path) -> list[dict]:
+    path = results_dir / "bench" / "step.csv"
+    if not path.exists():
+        return []
+    bench = pd.read_csv(path)
+    bench = bench[(bench["bsz"] == 48) & (bench["accel"].fillna("eager") == "eager")]
+    speed = _latest(bench, ["gpu", "impl"]).pivot_table(index="gpu", columns="impl", values="kt_per_s")
+    return _ratio_rows("bare step (bf16 weights, fused AdamW)", speed)
+
+
+def _plain_lightning_ratio(results_dir: Path) -> list[dict]:
+    path = results_dir / "bench" / "trainer_overhead.csv"
+    if not path.exists():
+        return []
+    overhead = pd.read_csv(path)
+    plain = overhead[(overhead["variant"] == "plain_bf16_true") & (overhead["status"] == "completed")]
+    speed = plain.groupby(["gpu", "impl"]).tail(1).pivot_table(index="gpu", columns="impl", values="kt_per_s")
+    return _ratio_rows("plain Lightning (bf16-true, single device)", speed)
+
+
+def _deepspeed_ratio(steps: pd.DataFrame, experiment: str) -> list[dict]:
+    runs = steps[(steps["experiment"] == experiment) & (steps["init"] == "shared") & (steps["grouping"] == "by_role")
+                 & (steps["warmup"] == 0) & ~steps["loss_only"].astype(bool)]
+    if runs.empty:
+        return []
+    per_run = runs.groupby(["gpu", "impl", "run_id"]).apply(
+        lambda run: (run["tokens"] / (run["step"] + 1)).iloc[0] * len(run) / run["step_time_s"].sum() / 1000,
+        include_groups=False)
+    speed = per_run.groupby(["gpu", "impl"]).mean().unstack("impl")
+    return _ratio_rows(f"DeepSpeed ZeRO-2 training ({experiment}, dedicated runs)", speed)
+
+
+def _ratio_rows(layer: str, speed: pd.DataFrame) -> list[dict]:
+    return [{"layer": layer, "gpu": gpu, "fla": row["fla"], "rwkv_jit": row["rwkv_jit"],
+             "fla_vs_rwkv_jit": row["fla"] / row["rwkv_jit"], "unit": "kt/s"}
+            for gpu, row in speed.iterrows() if {"fla", "rwkv_jit"} <= set(row.dropna().index)]
+
+
+def _published(results_dir: Path) -> pd.DataFrame | None:
+    path = results_dir / PUBLISHED
+    return pd.read_csv(path) if path.exists() else None
+
+
+def study_markdown(results_dir: Path, steps: pd.DataFrame) -> list[str]:
+    """The headline sections, or nothing when the study experiment has no runs."""
+    if not (steps["experiment"] == STUDY_EXPERIMENT).any():
+        return []
+    causes = cause_table(steps, _published(results_dir))
+    speeds = speed_layers(results_dir, steps)
+    return [
+        f"### The study's headline: the published RWKV-vs-FLA gaps by cause ({STUDY_EXPERIMENT})",
+        f"Loss gap to `rwkv_jit` from shared weights with fair optimizer groups: per seed the difference of the mean "
+        f"loss over the last {LAST_STEPS} steps (same seed: same init and batches), then their mean and 95% "
+        "t-interval across seeds. `equal within noise`: the interval holds 0; `ci_width` is how small a difference "
+        "these seeds could see. `published_gap`: the published arm minus the published RWKV-LM run "
+        "(results/published/rwkv-fla-comparison.csv; MiniPile, 2000 steps, where ours is Debian documentation, "
+        "1000 steps).",
+        markdown_table(causes) if not causes.empty else "No arm has a run paired with the baseline yet.",
+        "Speed of FLA over `rwkv_jit` at bsz 48, layer by layer (WKV op: time ratio `rwkv_jit`/`fla`; the rest: "
+        "kt/s ratio). Runs flagged `loss_only` shared their GPU and give no speed.",
+        markdown_table(speeds),
+    ]
