@@ -9,6 +9,7 @@ Examples::
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import hydra
@@ -40,7 +41,7 @@ def _main(cfg: DictConfig) -> None:
         return
     if outcome.status == "interrupted":
         print(f"interrupted at step {outcome.final_step}; rerun the same command to resume: {where}")
-        sys.exit(130)
+        sys.exit(128 + (outcome.stop_signal or signal.SIGINT))  # the shell's code for the signal: 130, 143
     kt = outcome.summary.get("kt_per_s")
     rate = f"{format_throughput(kt)} over {outcome.summary['timed_steps']} timed steps" if kt else "no timed steps"
     print(f"done: {outcome.final_step} steps, {rate}; results in {where}")

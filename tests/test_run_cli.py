@@ -156,6 +156,36 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path):
     assert again.returncode == 0 and "already complete" in again.stdout
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stop_signal_checkpoints_and_exits_with_one_line(tmp_path, stop):
+    """SIGTERM (a scheduler, `timeout`) stops a run as Ctrl-C does: the step finishes, a checkpoint is written, one
+    line says how to resume, the exit code is the shell's for the signal, and the same command resumes the run."""
+    results = tmp_path / "results"
+    args = [*SMALL, "trainer.max_steps=400", "trainer.ckpt_every=0", "trainer.num_workers=0",
+            "trainer.progress_every=0"]
+    cmd = [sys.executable, "-m", "harness.run", f"results_dir={results}", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (list(results.rglob("steps.csv"))
+                                          and len(read_rows(next(results.rglob("steps.csv")))) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(stop)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + stop, (proc.returncode, stderr[-2000:])
+    assert "Traceback" not in stderr, stderr[-2000:]
+    stopped = [line for line in stdout.splitlines() if line.startswith("interrupted at step")]
+    assert len(stopped) == 1, stdout
+    step = int(stopped[0].split()[3].rstrip(";"))
+    assert 3 <= step < 400 and (results / "tiny-sample").exists()
+    assert list(results.rglob(f"step-{step}.ckpt")), "the stop must leave a checkpoint of its last step"
+    resumed = run_harness([*args, "trainer.max_steps=" + str(step + 2)], results)
+    assert resumed.returncode != 0 and "differs in trainer.max_steps" in resumed.stderr  # its config is kept
+    import json
+
+    record = json.loads(next(results.rglob("run.json")).read_text())
+    assert record["status"] == "interrupted" and record["final_step"] == step
+
+
 def kill_after_rows(results: Path, args: list[str], rows: int) -> list[dict]:
     """Start (or resume) a run, SIGKILL it once its steps.csv has ``rows`` rows; the rows it left."""
     cmd = [sys.executable, "-m", "harness.run", f"results_dir={results}", *args]

@@ -27,6 +27,7 @@ from harness.bench import decoding_report, wkv_op_report
 from harness.bench.grid import Series, device_label
 from harness.errors import HarnessError, exit_on_user_error
 from harness.figures import save_figure
+from harness.report.accel_runs import accel_pairs_markdown
 from harness.report.stats import LAST_STEPS, mean_ci95, tukey_filter
 from harness.report.study import study_markdown
 from harness.tables import format_throughput, markdown_table
@@ -449,6 +450,7 @@ def summary_markdown(throughput: pd.DataFrame, losses: pd.DataFrame, steps: pd.D
         f"`vs_bare` divides it by the bare step of the same impl and bsz on the same GPU. Hardware: {gpus}.",
         markdown_table(throughput),
         *scaling_markdown(steps),
+        *accel_pairs_markdown(steps),
         f"### Loss (mean over the last {LAST_STEPS} steps)",
         "`ci95`: half-width of the 95% t-interval across seeds (– with one seed). `loss_common`: the same mean over "
         "`common_steps`, the last steps that every run of the experiment reached.",

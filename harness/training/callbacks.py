@@ -26,6 +26,9 @@ from harness.results import RunDir, StepLog, portable_path
 from harness.tables import format_throughput
 from harness.training.optim import LRSchedule, set_lr
 
+# The signals that stop a run cleanly (finish the step, checkpoint, exit), each with the handler a second one meets.
+STOP_SIGNALS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+
 
 class NonFiniteLoss(HarnessError):
     pass
@@ -294,7 +297,8 @@ class Checkpointer(Callback):
     keeps its final weights for ``python -m harness.convert``, whether or not ``every`` divides max_steps) and when
     Ctrl-C is pressed; ``every`` = 0 checkpoints on Ctrl-C only.
 
-    The first Ctrl-C finishes the current step, checkpoints and stops; a second one interrupts at once.
+    The first Ctrl-C (or SIGTERM, as a scheduler or ``timeout`` sends it) finishes the current step, checkpoints and
+    stops; a second one interrupts at once.
     ``last.json`` is written only after a checkpoint is complete and the steps.csv rows of all its steps are written
     (the recorder writes every row right after a step with a checkpoint write; ``last.json`` follows at the next
     step's start or the run's end), so a crash at any moment keeps a checkpoint whose steps are all logged.
@@ -304,19 +308,23 @@ class Checkpointer(Callback):
     def __init__(self, run_dir: RunDir, every: int, clock: StepClock):
         self.run_dir, self.every, self.clock = run_dir, every, clock
         self.interrupted = False
-        self._previous_handler = None
+        self.stop_signal: int | None = None  # the signal that stopped the run
+        self._previous_handlers: dict[int, object] = {}
         self._unrecorded: tuple[int, Path] | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        # after Lightning's own SIGTERM handler (which ends the run in a traceback at the next step): ours wins
+        self._previous_handlers = {number: signal.signal(number, self._on_stop_signal) for number in STOP_SIGNALS}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._record(trainer)
 
-    def _on_sigint(self, signum, frame) -> None:
-        self.interrupted = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\ninterrupt: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to abort)")
+    def _on_stop_signal(self, signum, frame) -> None:
+        self.interrupted, self.stop_signal = True, signum
+        for number, handler in STOP_SIGNALS.items():
+            signal.signal(number, handler)  # a second signal aborts at once
+        name = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: finishing this step, saving a checkpoint, then stopping (send it again to abort)")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -329,8 +337,9 @@ class Checkpointer(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._record(trainer)
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGINT, self._previous_handler)
+        for number, handler in self._previous_handlers.items():
+            signal.signal(number, handler)
+        self._previous_handlers = {}
 
     def save(self, trainer: L.Trainer, step: int) -> None:
         path = self.run_dir.checkpoint_dir / f"step-{step}.ckpt"

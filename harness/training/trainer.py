@@ -166,6 +166,7 @@ class RunOutcome:
     run_dir: RunDir
     final_step: int
     summary: dict
+    stop_signal: int | None = None  # what interrupted the run (SIGINT, SIGTERM)
 
 
 def _flat_config(cfg: DictConfig) -> dict[str, object]:
@@ -269,7 +270,7 @@ def _train_owned(cfg: DictConfig, plan: Plan, lock: RunLock | None) -> RunOutcom
         deepspeed_config = getattr(trainer.strategy, "config", None)
         rd.update_run_json(status=status, final_step=final_step, throughput=summary,
                            deepspeed_config=deepspeed_config, triton_autotune=triton_autotune.status())
-    return RunOutcome(status, rd, final_step, summary)
+    return RunOutcome(status, rd, final_step, summary, checkpointer.stop_signal)
 
 
 def _move_old_run_aside(lock: RunLock, rd: RunDir) -> Path:
