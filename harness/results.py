@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
@@ -36,6 +37,24 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def claim_new_paths(directory: Path, stem: str, extensions: tuple[str, ...]) -> list[Path]:
+    """Paths ``<stem>.<ext>`` in ``directory`` for a new report, never those of an earlier one: the first stem of
+    ``stem``, ``stem-2``, ``stem-3``, ... none of whose files exists; its first file is created (exclusively, so two
+    processes never claim one stem) and the caller writes them all."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for number in itertools.count(1):
+        name = stem if number == 1 else f"{stem}-{number}"
+        paths = [directory / f"{name}.{ext}" for ext in extensions]
+        if any(path.exists() for path in paths[1:]):
+            continue
+        try:
+            paths[0].open("x").close()
+        except FileExistsError:
+            continue
+        return paths
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)

@@ -61,8 +61,11 @@ def test_cli_writes_csv_markdown_and_figure(tmp_path: Path, capsys) -> None:
     figure = stem.with_suffix(".png").read_bytes()
     assert figure.startswith(b"\x89PNG")
     assert "## Per layer" in capsys.readouterr().out
-    bench_main(["parity", *words])
-    assert stem.with_suffix(".png").read_bytes() == figure  # fixed metadata, deterministic on the CPU
+    bench_main(["parity", *words])  # a second report never replaces the first
+    again = tmp_path / "reference-fp32_vs_reference-fp64-2"
+    assert stem.with_suffix(".png").read_bytes() == figure
+    assert again.with_suffix(".png").read_bytes() == figure  # fixed metadata, deterministic on the CPU
+    assert again.with_suffix(".csv").exists() and again.with_suffix(".md").exists()
 
 
 @pytest.mark.parametrize(("words", "message"), [

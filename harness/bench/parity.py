@@ -32,6 +32,7 @@ from harness.bench.grid import with_environment
 from harness.env import environment
 from harness.errors import HarnessError
 from harness.figures import save_figure
+from harness.results import claim_new_paths
 from harness.model.init import apply_init
 from harness.model.rwkv import RWKV, ModelConfig, lm_loss
 from harness.numerics import perturb, rel_err
@@ -313,11 +314,11 @@ def plot(table: pd.DataFrame, selected: list[Arm], path: Path) -> None:
 
 
 def write_outputs(table: pd.DataFrame, selected: list[Arm], out_dir: Path) -> list[Path]:
-    """``<stem>.csv``, ``<stem>.md``, ``<stem>.png`` under ``out_dir``; returns their paths."""
+    """``<stem>.csv``, ``<stem>.md``, ``<stem>.png`` under ``out_dir`` (an earlier report of the same pair is kept: this
+    one takes ``<stem>-2``, ...); returns their paths."""
     by_role = {arm.role: arm for arm in selected}
     stem = f"{by_role['a'].impl.name}-{by_role['a'].dtype}_vs_{by_role['b'].impl.name}-{by_role['b'].dtype}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{stem}.{ext}" for ext in ("csv", "md", "png")]
+    paths = claim_new_paths(out_dir, stem, ("csv", "md", "png"))
     table.to_csv(paths[0], index=False, lineterminator="\n")
     paths[1].write_text(markdown(table, selected))
     plot(table, selected, paths[2])

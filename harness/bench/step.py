@@ -12,7 +12,6 @@ GPU box), name the commit with $RWKV_GIT_COMMIT and $RWKV_GIT_DIRTY (harness.env
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from harness.env import peak_bf16_flops
 from harness.model.rwkv import RWKV, ModelConfig, count_parameters
 from harness.numerics import synchronize
 from harness.profiling import profile_summary
+from harness.results import claim_new_paths
 from harness.training.accel import Accel, GraphedStep, clip_gradients, loss_function
 
 FIELDS = ("timestamp", "impl", "bsz", "ctx", "n_layer", "n_embd", "vocab", "kt_per_s", "step_ms", "peak_mem_gib",
@@ -178,13 +178,6 @@ def write_profile(report: str, cfg: StepConfig, out_dir: Path) -> Path:
     overwritten (the new one takes the next free ``-2``, ``-3``, ... name)."""
     label = Accel.from_config(cfg.accel).label()
     stem = f"profile_{cfg.impl}{'' if label == 'eager' else '_' + label}_bsz{cfg.bsz}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for number in itertools.count(1):
-        path = out_dir / (f"{stem}.txt" if number == 1 else f"{stem}-{number}.txt")
-        try:
-            with path.open("x") as handle:
-                handle.write(report + "\n")
-            return path
-        except FileExistsError:
-            continue
-    raise AssertionError("unreachable")
+    (path,) = claim_new_paths(out_dir, stem, ("txt",))
+    path.write_text(report + "\n")
+    return path

@@ -1,0 +1,3 @@
+from harness.synthetic.train import main
+
+main()
