@@ -3,10 +3,10 @@ breaks (and TorchScript, eager autograd and CUDA-graph capture call the same op)
 
 Every WKV kernel here comes as a pair of functions: a forward ``(r, w, k, v, a, b) -> [y, *extras]`` and a backward
 ``(r, w, k, v, a, b, *extras, dy) -> [dr, dw, dk, dv, da, db]``, where ``extras`` are whatever the kernel keeps for
-its backward (the CUDA kernel's state checkpoints; nothing for kernels that recompute or keep nothing). :func:`wkv_op` registers
-both as opaque ops named ``rwkv_harness::<name>`` and ``rwkv_harness::<name>_backward`` with fake (meta) versions
-that give the compiler their output shapes, wires the backward as the forward's autograd formula, and returns the
-function the time-mix calls: ``(r, w, k, v, a, b) -> y``.
+its backward (the CUDA kernel's state checkpoints; nothing for kernels that recompute or keep nothing).
+:func:`wkv_op` registers both as opaque ops named ``rwkv_harness::<name>`` and ``rwkv_harness::<name>_backward``
+with fake (meta) versions that give the compiler their output shapes, wires the backward as the forward's autograd
+formula, and returns the function the time-mix calls: ``(r, w, k, v, a, b) -> y``.
 """
 
 from __future__ import annotations

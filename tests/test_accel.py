@@ -10,7 +10,7 @@ from helpers import assert_close, needs_fla, realistic_wkv_inputs
 import impls
 from harness.errors import HarnessError
 from harness.model.rwkv import RWKV, ModelConfig
-from harness.training.accel import Accel, GraphedStep, clip_gradients, loss_function
+from harness.training.accel import Accel, GraphedStep, forward_backward, loss_function
 from impls.reference import wkv7_reference, wkv7_reference_backward, wkv7_reference_op
 
 TINY = ModelConfig(n_layer=2, n_embd=128, head_size=64, vocab_size=512, ctx_len=64)
@@ -66,15 +66,8 @@ def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def _train(model: RWKV, accel: Accel, batches: list) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Losses of an AdamW run over ``batches`` and the last gradients, eager or CUDA-graphed."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    loss_fn = loss_function(model, accel)
-
-    def forward_backward(idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss = loss_fn(idx, targets)
-        loss.backward()
-        clip_gradients(model.parameters(), 1.0)
-        return loss.detach()
-
-    step = GraphedStep(forward_backward, model.parameters(), warmup=2) if accel.cuda_graph else forward_backward
+    before_optimizer = forward_backward(loss_function(model, accel), model.parameters(), 1.0)
+    step = GraphedStep(before_optimizer, model.parameters(), warmup=2) if accel.cuda_graph else before_optimizer
     losses = []
     for idx, targets in batches:
         if not accel.cuda_graph:

@@ -25,7 +25,8 @@ def run(impl: str, init: str, grouping: str, seed: int, level: float, loss_only:
         "grouping": grouping, "accel": "eager", "bsz": 48, "seed": seed, "gpu": "G", "strategy": "deepspeed_stage_2",
         "loss_only": loss_only, "step": range(STEPS), "tokens": [(s + 1) * 48 * 512 for s in range(STEPS)],
         "loss": [level + seed_effect + 1.0 - s / STEPS for s in range(STEPS)],
-        "kt_per_s": 48 * 512 / step_time / 1000, "step_time_s": step_time, "warmup": [int(s < 10) for s in range(STEPS)],
+        "kt_per_s": 48 * 512 / step_time / 1000, "step_time_s": step_time,
+        "warmup": [int(s < 10) for s in range(STEPS)],
     })
 
 

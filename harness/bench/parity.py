@@ -32,10 +32,10 @@ from harness.bench.grid import with_environment
 from harness.env import environment
 from harness.errors import HarnessError
 from harness.figures import save_figure
-from harness.results import claim_new_paths
 from harness.model.init import apply_init
 from harness.model.rwkv import RWKV, ModelConfig, lm_loss
 from harness.numerics import perturb, rel_err
+from harness.results import claim_new_paths
 from harness.tables import markdown_table
 from impls.base import Implementation, to_canonical
 

@@ -6,8 +6,9 @@ tokens; ``warmup`` steps, then ``steps`` timed steps between two ``torch.cuda.sy
 kt/s = tokens / wall time / 1000. One run appends one row to ``<out>/step.csv`` and the same row with the whole
 environment to ``<out>/step.jsonl``. With ``--profile`` it instead prints (and saves) the CUDA kernels that take the
 time of a few steps. Any ``impl=`` name of the registry works, with any of the accelerations of
-:mod:`harness.training.accel` (``accel.compile=true accel.fused_loss=true accel.cuda_graph=true``). Run from a copy of the tree without ``.git`` (a remote
-GPU box), name the commit with $RWKV_GIT_COMMIT and $RWKV_GIT_DIRTY (harness.env.git_state).
+:mod:`harness.training.accel` (``accel.compile=true accel.fused_loss=true accel.cuda_graph=true``). Run from a copy
+of the tree without ``.git`` (a remote GPU box), name the commit with $RWKV_GIT_COMMIT and $RWKV_GIT_DIRTY
+(harness.env.git_state).
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ import torch
 
 import impls
 from harness.bench.grid import BenchCsv
-from harness.errors import HarnessError
 from harness.env import peak_bf16_flops
+from harness.errors import HarnessError
 from harness.model.rwkv import RWKV, ModelConfig, count_parameters
 from harness.numerics import synchronize
 from harness.profiling import profile_summary
 from harness.results import claim_new_paths
-from harness.training.accel import Accel, GraphedStep, clip_gradients, loss_function
+from harness.training.accel import Accel, GraphedStep, forward_backward, loss_function
 
 FIELDS = ("timestamp", "impl", "bsz", "ctx", "n_layer", "n_embd", "vocab", "kt_per_s", "step_ms", "peak_mem_gib",
           "loss", "gpu", "torch", "triton", "cuda", "git_commit", "git_dirty", "jit", "nvcc_flags", "warmup", "steps",
@@ -87,18 +88,11 @@ def build(cfg: StepConfig) -> Bench:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-18, weight_decay=0.0,
                                   fused=cuda)
     tokens = torch.randint(0, cfg.vocab, (cfg.bsz, cfg.ctx + 1), device=cfg.device)
-    loss_fn = loss_function(model, accel)
-
-    def forward_backward(idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss = loss_fn(idx, targets)
-        loss.backward()
-        clip_gradients(model.parameters(), 1.0)
-        return loss.detach()
-
-    graphed = GraphedStep(forward_backward, model.parameters()) if accel.cuda_graph else None
+    before_optimizer = forward_backward(loss_function(model, accel), model.parameters(), 1.0)
+    graphed = GraphedStep(before_optimizer, model.parameters()) if accel.cuda_graph else None
 
     def step(idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss = graphed(idx, targets) if graphed else forward_backward(idx, targets)
+        loss = graphed(idx, targets) if graphed else before_optimizer(idx, targets)
         optimizer.step()
         if not graphed:
             optimizer.zero_grad(set_to_none=True)
@@ -169,7 +163,8 @@ def profile(cfg: StepConfig) -> str:
             bench.train_step()
         synchronize(cfg.device)
         wall = time.perf_counter() - start
-    header = f"impl={cfg.impl} accel={bench.accel.label()} bsz={cfg.bsz} ctx={cfg.ctx} L{cfg.n_layer}-D{cfg.n_embd} vocab {cfg.vocab}"
+    header = (f"impl={cfg.impl} accel={bench.accel.label()} bsz={cfg.bsz} ctx={cfg.ctx} L{cfg.n_layer}-D{cfg.n_embd} "
+              f"vocab {cfg.vocab}")
     return profile_summary(prof.key_averages(), cfg.profile_steps, wall, header)
 
 

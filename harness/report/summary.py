@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -302,7 +301,7 @@ def plot_loss_gap(steps: pd.DataFrame, path: Path, baseline: str, window: int = 
 # --- tables ----------------------------------------------------------------------------------------------
 
 
-HEAD_PREFIX = "rwkv_lm-head"  # the bench rows of upstream RWKV-LM HEAD through impl=rwkv_lm (scripts/device/step_grid.sh)
+HEAD_PREFIX = "rwkv_lm-head"  # bench rows of upstream RWKV-LM HEAD through impl=rwkv_lm (scripts/device/step_grid.sh)
 BENCH_KEYS = ["gpu", "impl", "bsz", "accel"]
 
 

@@ -127,3 +127,18 @@ class GraphedStep:
 def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> None:
     """Clip the gradients' global norm to ``max_norm`` on the device (no host sync: capturable)."""
     torch.nn.utils.clip_grad_norm_(list(parameters), max_norm, foreach=True)
+
+
+def forward_backward(loss_fn: LossFn, parameters: Iterable[torch.nn.Parameter], max_norm: float
+                     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The part of a training step before the optimizer: loss, backward, clipping; returns the detached loss. What
+    :class:`GraphedStep` captures, and what an eager step runs before ``optimizer.step()``."""
+    parameters = list(parameters)
+
+    def step(idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = loss_fn(idx, targets)
+        loss.backward()
+        clip_gradients(parameters, max_norm)
+        return loss.detach()
+
+    return step

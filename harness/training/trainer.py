@@ -37,7 +37,7 @@ from harness.model.init import apply_init
 from harness.model.rwkv import RWKV, count_parameters
 from harness.results import RunDir, StepLog, portable_path, read_steps, throughput_summary
 from harness.run_lock import RunLock
-from harness.training.accel import GraphedStep, clip_gradients, loss_function
+from harness.training.accel import GraphedStep, forward_backward, loss_function
 from harness.training.callbacks import (
     Checkpointer,
     LRScheduler,
@@ -122,7 +122,8 @@ class LitRWKV(L.LightningModule):
         self.automatic_optimization = not plan.accel.cuda_graph
         self.graphed_step: GraphedStep | None = None
         if plan.accel.cuda_graph:
-            self.graphed_step = GraphedStep(self._forward_backward, model.parameters())
+            before_optimizer = forward_backward(self.loss_fn, model.parameters(), float(cfg.optim.grad_clip))
+            self.graphed_step = GraphedStep(before_optimizer, model.parameters())
 
     def train_dataloader(self) -> DataLoader:
         p = self.plan
@@ -145,12 +146,6 @@ class LitRWKV(L.LightningModule):
         if self.trainer.world_size > 1:
             self.last_loss = self.all_gather(self.last_loss).mean()
         return loss
-
-    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss = self.loss_fn(x, y)
-        loss.backward()
-        clip_gradients(self.model.parameters(), float(self.cfg.optim.grad_clip))
-        return loss.detach()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         groups = param_groups(self.model, self.cfg.optim.weight_decay, self.cfg.optim.grouping)
