@@ -49,6 +49,17 @@ def test_whole_model_compiles_without_graph_breaks() -> None:
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["rwkv", pytest.param("fla", marks=needs_fla)])
+def test_gpu_models_compile_without_graph_breaks(impl: str) -> None:
+    """The WKV custom ops (ours, and FLA's chunked kernel, which FLA itself hides from the compiler) and everything
+    around them in one graph: FLA's other Triton ops (token shift, addcmul, k update, gate correction) included."""
+    model = _model(impl)
+    idx, targets = _batches(1)[0]
+    explanation = torch._dynamo.explain(lambda i, t: model.loss(i, t, fused=True))(idx, targets)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
 # --- GPU: the CUDA-graphed step ----------------------------------------------------------------------------------
 
 

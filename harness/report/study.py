@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness.report.stats import LAST_STEPS, mean_ci95
+from harness.report.stats import LAST_STEPS, mean_ci95, shares_gpu
 from harness.tables import markdown_table
 
 STUDY_EXPERIMENT = "study-fair-bsz48"
@@ -156,7 +156,7 @@ def _plain_lightning_ratio(results_dir: Path) -> list[dict]:
 
 def _deepspeed_ratio(steps: pd.DataFrame, experiment: str) -> list[dict]:
     runs = steps[(steps["experiment"] == experiment) & (steps["init"] == "shared") & (steps["grouping"] == "by_role")
-                 & (steps["warmup"] == 0) & ~steps["loss_only"].astype(bool)]
+                 & (steps["warmup"] == 0) & ~shares_gpu(steps)]
     if runs.empty:
         return []
     per_run = runs.groupby(["gpu", "impl", "run_id"]).apply(
