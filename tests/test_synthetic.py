@@ -17,7 +17,8 @@ from harness.bench.grid import BenchCsv
 from harness.model.rwkv import count_parameters
 from harness.synthetic import models as zoo
 from harness.synthetic import report, task
-from harness.synthetic.train import FIELDS, SyntheticConfig, main, setup_of
+from harness.synthetic.cli import main
+from harness.synthetic.train import FIELDS, SyntheticConfig, complete_rows, setup_of
 
 LENGTHS = (32, 64, 128, 256)
 TINY = ["seeds=[0]", "epochs=2", "train_size=32", "test_size=16", "lengths=[16,24]", "batch_size=8"]
@@ -57,11 +58,14 @@ def test_an_oracle_of_the_rules_is_exact_on_every_predictable_position():
 def test_models_are_parameter_matched_near_50k_as_the_decoding_benchmark_builds_them():
     cfg = SyntheticConfig()
     counts = {name: count_parameters(zoo.build(name, cfg.shape, 0)) for name in zoo.MODELS}
-    assert counts == {"rwkv": 46400, "transformer": 45376, "lstm": 46336}
+    assert counts == {"rwkv": 46400, "transformer": 45376, "lstm": 46240, "lstm_deep": 46336}
     assert max(counts.values()) / min(counts.values()) < 1.1 and all(40_000 < n < 60_000 for n in counts.values())
+    assert zoo.describe(zoo.build("lstm", cfg.shape, 0)) | {"params": 0} == {"class": "LSTMLM", "params": 0,
+                                                                              "layers": 1, "hidden": 68}
     bench = InferenceConfig(impls=("reference",), n_layer=cfg.n_layer, n_embd=cfg.n_embd, head_size=cfg.head_size,
-                            vocab=cfg.vocab, device="cpu", dtype="fp32")
-    assert {d.model_name: count_parameters(d.module) for d in build_decoders(bench)} == counts
+                            vocab=cfg.vocab, device="cpu", dtype="fp32")  # its LSTM is lstm_deep
+    built = {d.model_name: count_parameters(d.module) for d in build_decoders(bench)}
+    assert built == {"rwkv": counts["rwkv"], "transformer": counts["transformer"], "lstm": counts["lstm_deep"]}
 
 
 def _rows(path) -> list[dict[str, str]]:
@@ -74,7 +78,7 @@ def test_a_tiny_run_writes_tidy_rows_resumes_replays_and_refuses_another_setup(t
     csv_path = out / "epochs.csv"
     rows = _rows(csv_path)
     assert [(r["model"], r["seed"], r["epoch"]) for r in rows] == [
-        (m, "0", e) for m in zoo.MODELS for e in ("1", "2")]
+        (m, "0", e) for m in zoo.COMPARED for e in ("1", "2")]
     frame = pd.read_csv(csv_path)
     assert tuple(frame.columns) == FIELDS and frame["setup"].nunique() == 1
     assert frame[["train_loss", "test_loss", "test_acc", "test_acc_all", "seconds"]].notna().all().all()
@@ -87,11 +91,15 @@ def test_a_tiny_run_writes_tidy_rows_resumes_replays_and_refuses_another_setup(t
     main([*TINY, f"out={out}", f"figures={figures}"])  # everything there: nothing trained, nothing appended
     assert csv_path.read_bytes() == before and "skipped" in capsys.readouterr().out
 
-    partial = tmp_path / "partial"  # an interrupted lstm run: epoch 1 written, epoch 2 missing
+    partial = tmp_path / "partial"  # an interrupted lstm run: epoch 1 written, epoch 2 cut short by the crash
     log = BenchCsv(partial / "epochs.csv", FIELDS)
     log.append(next(r for r in rows if r["model"] == "lstm"))
+    with log.path.open("a") as handle:
+        handle.write("lstm,0,2,4.1")
     main([*TINY, "models=[lstm]", f"out={partial}", f"figures={figures}"])
-    resumed = _rows(partial / "epochs.csv")
+    written = _rows(partial / "epochs.csv")
+    assert [r["epoch"] for r in written] == ["1", "2", "2"] and written[1]["test_loss"] is None  # nothing rewritten
+    resumed = complete_rows(written)
     assert [r["epoch"] for r in resumed] == ["1", "2"]
     same = [c for c in FIELDS if c not in ("seconds", "timestamp")]
     straight = next(r for r in rows if r["model"] == "lstm" and r["epoch"] == "2")

@@ -27,8 +27,9 @@ from harness.bench.grid import Series, device_label
 from harness.errors import HarnessError, exit_on_user_error
 from harness.figures import save_figure
 from harness.report.accel_runs import accel_pairs_markdown
-from harness.report.stats import LAST_STEPS, mean_ci95, tukey_filter
+from harness.report.stats import LAST_STEPS, mean_ci95, shares_gpu, tukey_filter
 from harness.report.study import study_markdown
+from harness.synthetic.report import synthetic_markdown
 from harness.tables import format_throughput, markdown_table
 
 ARM_KEYS = ["experiment", "impl", "init", "bsz", "grouping", "accel"]
@@ -125,7 +126,7 @@ def throughput_table(steps: pd.DataFrame) -> pd.DataFrame:
     against the fastest arm of the same experiment on the same GPU model."""
     rows = []
     for (*arm, gpu), group in steps.groupby([*ARM_KEYS, "gpu"], dropna=False, sort=True):
-        timed = group[(group["warmup"] == 0) & ~group["loss_only"].astype(bool)]  # a run sharing its GPU: no speed
+        timed = group[(group["warmup"] == 0) & ~shares_gpu(group)]
         if timed.empty:
             continue
         filtered = tukey_filter(timed["kt_per_s"].to_numpy())
@@ -511,6 +512,7 @@ def build_report(results_dir: Path, figures_dir: Path, experiments: list[str] | 
     throughput = with_bare_ratio(throughput, bench)
     extra = (study_markdown(results_dir, steps) + overhead_markdown(results_dir) + kernels_markdown(results_dir)
              + inference_markdown(results_dir))
+    extra += synthetic_markdown(results_dir, figures_dir)  # results/synthetic-article3 (harness/synthetic)
     summary = summary_markdown(throughput, losses, steps, bench, extra)
     (results_dir / "summary.md").write_text(summary)
     written.append(results_dir / "summary.md")

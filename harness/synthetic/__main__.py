@@ -1,3 +1,3 @@
-from harness.synthetic.train import main
+from harness.synthetic.cli import main
 
 main()

@@ -1,6 +1,7 @@
 """The comparison with "Deconstructing RWKV, Part 3", from ``<out>/epochs.csv`` (:mod:`harness.synthetic.train`) and
-the decoding benchmark's rows at the same model size (``<out>/inference.csv``, ``python -m harness.bench inference
-... out=<out>``), beside the article's numbers (``results/published/deconstructing-rwkv-part3.csv``).
+the decoding benchmark's rows at the same model size (``<out>/inference.csv``, ``python -m
+harness.synthetic.latency``: the benchmark's grid on the trained shapes), beside the article's numbers
+(``results/published/deconstructing-rwkv-part3.csv``).
 
 * Final epoch, per model: mean and 95% t-interval across seeds (:func:`harness.report.stats.mean_ci95`) of the test
   accuracy over the predictable positions (``test_acc``; by pattern ``test_acc_short`` and ``test_acc_long``), over
@@ -28,12 +29,13 @@ from harness.env import REPO_ROOT
 from harness.errors import HarnessError
 from harness.figures import finish_figure
 from harness.report.stats import mean_ci95
-from harness.synthetic.train import FIELDS
+from harness.synthetic.train import FIELDS, complete_rows
 from harness.tables import markdown_table
 
 EXPERIMENT = "synthetic-article3"
 PUBLISHED = Path("published") / "deconstructing-rwkv-part3.csv"
-LABELS = {"rwkv": "RWKV-7", "transformer": "Transformer", "lstm": "LSTM"}
+LABELS = {"rwkv": "RWKV-7", "transformer": "Transformer", "lstm": "LSTM",
+          "lstm_deep": "LSTM 5x32 (the decoding benchmark's)"}
 ACCURACIES = ("test_acc", "test_acc_all", "test_acc_short", "test_acc_long", "train_acc")
 LOSSES = ("train_loss", "test_loss", "test_loss_pred")
 LENGTHS = (32, 64, 128, 256)
@@ -46,7 +48,7 @@ def read_epochs(path: Path) -> pd.DataFrame:
     """Every row of ``epochs.csv`` with numeric columns as numbers; one line when it is missing or empty."""
     if not path.exists():
         raise HarnessError(f"{path} does not exist; run python -m harness.synthetic first")
-    rows = BenchCsv(path, FIELDS).rows()
+    rows = complete_rows(BenchCsv(path, FIELDS).rows())
     if not rows:
         raise HarnessError(f"{path} has no rows")
     frame = pd.DataFrame(rows, columns=list(FIELDS))
@@ -111,8 +113,12 @@ def accuracy_markdown(table: pd.DataFrame, article: pd.DataFrame | None) -> str:
     """The final numbers beside the article's: accuracies in %, losses in nats per token."""
     rows = []
     for _, r in table.iterrows():
-        acc = lambda m: _pm(r[m], r[f"{m}_ci95"], 100, 1)  # noqa: E731
-        loss = lambda m: _pm(r[m], r[f"{m}_ci95"])  # noqa: E731
+        def acc(metric: str, r: pd.Series = r) -> str:
+            return _pm(r[metric], r[f"{metric}_ci95"], 100, 1)
+
+        def loss(metric: str, r: pd.Series = r) -> str:
+            return _pm(r[metric], r[f"{metric}_ci95"])
+
         rows.append({
             "model": LABELS.get(r["model"], r["model"]), "params": f"{int(r['params']):,}", "seeds": r["seeds"],
             "article test acc %": _num(_published(article, "test_acc", r["model"]), 1),
@@ -149,7 +155,8 @@ def plot_curves(frame: pd.DataFrame, path: Path) -> None:
                 highs.append(mean + (half or 0.0))
             seeds = runs["seed"].nunique()
             color = colors.get(model, "gray")
-            ax.plot(epochs, means, color=color, linewidth=1.3, label=f"{LABELS.get(model, model)} ({seeds} seeds)")
+            label = f"{LABELS.get(model, model)} ({seeds} seed{'s' if seeds > 1 else ''})"
+            ax.plot(epochs, means, color=color, linewidth=1.3, label=label)
             ax.fill_between(epochs, lows, highs, color=color, alpha=0.2, linewidth=0)
         ax.set(title=title, xlabel="epoch")
         ax.grid(alpha=0.3)
@@ -159,14 +166,27 @@ def plot_curves(frame: pd.DataFrame, path: Path) -> None:
                              f"{int(first['params']):,}-parameter RWKV")
 
 
-def _environment(out: Path) -> dict[str, object]:
-    """The environment of the latest process that trained a run of ``out`` (its run records)."""
-    for path in sorted((out / "runs").glob("*.json"), reverse=True):
+def _records(out: Path) -> list[dict]:
+    """The run records of ``out`` (runs/<model>-seed<k>.json) that can be read, by file name."""
+    records = []
+    for path in sorted((out / "runs").glob("*.json")):
         try:
-            return json.loads(path.read_text())["environment"][-1]
-        except (ValueError, KeyError, IndexError):
+            records.append(json.loads(path.read_text()))
+        except ValueError:
             continue
-    return {}
+    return records
+
+
+def _data_line(records: list[dict]) -> str:
+    """The test set of each seed: its sequences, target positions and predictable share (one record per seed)."""
+    seeds = {}
+    for record in records:
+        test = record.get("data", {}).get("test")
+        if test and "seed" in record:
+            seeds.setdefault(record["seed"], test)
+    parts = [f"seed {seed}: {t['sequences']} sequences, {t['targets']:,} targets, {t['predictable_share']:.1%} "
+             f"predictable ({t['short']:,} short-range, {t['long']:,} long-range)" for seed, t in sorted(seeds.items())]
+    return "Test sets (runs/*.json): " + "; ".join(parts) + "." if parts else ""
 
 
 # --- latency and memory -----------------------------------------------------------------------------------
@@ -197,6 +217,11 @@ def _values(row: pd.Series | dict, prefix: str, digits: int) -> str:
     return " / ".join(_num(row.get(f"{prefix}_L{length}"), digits) for length in LENGTHS)
 
 
+def _span(low: float | None, high: float | None, digits: int) -> str:
+    return "–" if low is None or high is None or np.isnan(low) or np.isnan(high) else \
+        f"{low:.{digits}f} to {high:.{digits}f}"
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or np.isnan(a) or np.isnan(b) or b == 0 else a / b
 
@@ -214,9 +239,8 @@ def latency_markdown(table: pd.DataFrame, article: pd.DataFrame | None) -> list[
                      "article ms/token L32/64/128/256": _values(published, "latency", 2),
                      "decode ms/token": _values(r, "decode_ms", 3),
                      "prefill ms/token": _values(r, "prefill_ms_per_token", 3),
-                     "article MB": f"{_num(low, 1)}–{_num(high, 1)}",
-                     "weights + state MiB (L32–L256)": f"{_num(r.get('memory_mib_L32'), 3)}–"
-                                                       f"{_num(r.get('memory_mib_L256'), 3)}"})
+                     "article MB (L32 to L256)": _span(low, high, 1),
+                     "weights + state MiB (L32 to L256)": _span(r.get("memory_mib_L32"), r.get("memory_mib_L256"), 3)})
     lines = [markdown_table(pd.DataFrame(rows))]
     by_model = {r["model"]: r for _, r in table.drop_duplicates("model").iterrows()}
 
@@ -266,30 +290,41 @@ def markdown(out: Path, figures: Path, published: Path) -> list[str]:
     table = final_table(frame)
     figure = figures / "curves.png"
     plot_curves(frame, figure)
-    env = _environment(out)
-    machine = f"{env.get('cpu', 'unknown CPU')}, torch {env.get('versions', {}).get('torch', '?')}"
+    records = _records(out)
+    env = max((r["environment"][-1] for r in records if r.get("environment")), key=lambda e: e.get("timestamp", ""),
+              default={})
+    threads = {r.get("config", {}).get("threads") for r in records} - {None}
+    cpu = f"{env.get('cpu', 'unknown CPU')} ({env.get('cpu_count', '?')} logical CPUs)"
+    machine = (f"{cpu}, torch {env.get('versions', {}).get('torch', '?')}, "
+               f"{'/'.join(map(str, sorted(threads))) or '?'} thread(s)")
     setup = frame["setup"].iloc[0]
     lines = [
         '### Synthetic next-token task: RWKV-7 vs Transformer vs LSTM (after "Deconstructing RWKV, Part 3")',
         f"From {csv_path} (`python -m harness.synthetic`; harness/synthetic/task.py defines the task): epoch "
         f"{table['epochs'].iloc[0] if len(table) else '?'} of each (model, seed), mean ± half-width of the 95% "
-        f"t-interval across seeds; {machine}, fp32, one thread. `test_acc`: next-token accuracy over the positions "
+        f"t-interval across seeds; {machine}, fp32. `test_acc`: next-token accuracy over the positions "
         f"the preceding tokens determine (short-range: motif repeats; long-range: the key recalled at the end), "
         f"`test_acc_all` over every position (noise included); losses are cross-entropy over every position "
         f"(`test_loss_pred`: predictable positions only). Set-up: `{setup}`. The article's numbers "
         f"({published.name}) come from its own unpublished generator, sizes and hardware. Curves: {figure}.",
+        *filter(None, [_data_line(records)]),
         accuracy_markdown(table, article),
     ]
     inference = out / "inference.csv"
     if inference.exists():
         for rows in decoding_report.series(inference):
             first = rows.frame.iloc[0]
+            kv = rows.frame.dropna(subset=["cache_len"])
+            extra = f"L + {int(kv['cache_len'].iloc[0] - kv['L'].iloc[0])}" if len(kv) else "L + the decode"
             lines += [
-                f"Latency and memory at this size (from {inference}, `python -m harness.bench inference`): "
-                f"{first['size']}, {first['dtype']}, batch 1, {device_label(first)} ({env.get('cpu', '?')}); the "
-                f"article's hardware is not published, so the ratios and the trend with L compare, not the ms. "
-                f"Memory here is weights + state or KV cache only (the article's MB must count more: its 12-14 MB "
-                f"is far above these models' weights).",
+                f"Latency and memory at this size (from {inference}, `python -m harness.synthetic.latency`: the "
+                f"decoding benchmark's grid on the trained shapes): "
+                f"{first['size']}, {first['dtype']}, batch 1, {device_label(first)} ({cpu}, torch "
+                f"{first['torch']}); the article's hardware is not published, so the ratios and the trend with L "
+                f"compare, not the ms. The KV cache holds {extra} slots "
+                f"(the decode steps timed and their warm-up). Memory here is weights + state or KV cache only; the "
+                f"article's 12-68 MB is far above these models' weights, so it counts more than that (what, it "
+                f"does not say).",
                 *latency_markdown(latency_table(rows.frame), article),
             ]
     return lines

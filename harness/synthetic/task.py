@@ -88,7 +88,7 @@ def generate_sequence(rng: np.random.Generator, length: int, vocab: int) -> tupl
 
 @dataclass(frozen=True)
 class Bucket:
-    """The sequences of one length: ``tokens`` (n, L+1) and the target categories ``cats`` (n, L) of ``tokens[:, 1:]``."""
+    """The sequences of one length: ``tokens`` (n, L+1), and ``cats`` (n, L), the categories of ``tokens[:, 1:]``."""
 
     length: int
     tokens: torch.Tensor

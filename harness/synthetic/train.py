@@ -29,7 +29,6 @@ changed config never mixes its rows with the published ones. After training the 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -45,7 +44,7 @@ from tqdm import tqdm
 from harness.bench.grid import BenchCsv, csv_cells
 from harness.config import CONF_DIR, compose_config, dataclass_from
 from harness.env import environment
-from harness.errors import HarnessError, exit_on_user_error
+from harness.errors import HarnessError
 from harness.run_lock import RunLock
 from harness.synthetic import models as zoo
 from harness.synthetic import task
@@ -62,10 +61,10 @@ REPLAY_RTOL = 1e-3  # how far a replayed epoch's test loss may be from the row w
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    models: tuple[str, ...] = zoo.MODELS
+    models: tuple[str, ...] = zoo.COMPARED
     seeds: tuple[int, ...] = (0, 1, 2)
     epochs: int = 50
-    train_size: int = 1920
+    train_size: int = 1664
     test_size: int = 256
     lengths: tuple[int, ...] = (32, 64, 128, 256)
     batch_size: int = 32
@@ -282,9 +281,17 @@ def check_replay(row: dict[str, object], written: dict[str, str]) -> None:
                            f"write elsewhere (out=...)")
 
 
+def complete_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The rows with every column, leaving out a row a crash cut short (:meth:`BenchCsv.append` keeps it on a line
+    of its own), whose epoch is then trained and appended again."""
+    return [row for row in rows if all(row.get(c) is not None for c in FIELDS)
+            and row["epoch"].isdigit() and row["seed"].isdigit()]
+
+
 def epochs_written(rows: list[dict[str, str]], setup: str, log: BenchCsv) -> dict[tuple[str, int], dict]:
-    """(model, seed) -> {epoch: row} of the CSV; one line for rows of another set-up or a run whose epochs are not
-    1..k each once."""
+    """(model, seed) -> {epoch: row} of the CSV's complete rows; one line for rows of another set-up or a run whose
+    epochs are not 1..k each once."""
+    rows = complete_rows(rows)
     if other := next((r["setup"] for r in rows if r["setup"] != setup), None):
         raise HarnessError(f"{log.path} holds rows of another set-up ({setup_differences(other, setup)}); write "
                            f"elsewhere (out=...) or run with the keys of those rows")
@@ -334,20 +341,3 @@ def run(cfg: SyntheticConfig) -> list[dict[str, object]]:
         if lock.path.exists():
             lock.path.unlink()  # still held: a process that opened it before retries on the path (RunLock.acquire)
         lock.release()
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m harness.synthetic", description=__doc__.splitlines()[0])
-    parser.add_argument("overrides", nargs="*", help="key=value (Hydra overrides) of conf/synthetic/article3.yaml; "
-                                                     "lists as seeds=0,1 or seeds=[0,1]")
-    parser.add_argument("--report", action="store_true", help="only write the comparison from <out>/epochs.csv")
-    args = parser.parse_intermixed_args(argv)
-    from harness.synthetic import report
-
-    with exit_on_user_error():
-        cfg = load_config(args.overrides)
-        if not args.report:
-            rows = run(cfg)
-            print(f"appended {len(rows)} rows to {Path(cfg.out) / 'epochs.csv'}")
-        for path in report.write(Path(cfg.out), Path(cfg.figures)):
-            print(f"wrote {path}")
