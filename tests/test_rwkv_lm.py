@@ -223,11 +223,12 @@ def test_the_step_bench_builds_the_checkout_and_trains_on_its_loss(tmp_path):
     folder = copy_checkout(tmp_path, DOUBLED_LOSS)
     cfg = step.StepConfig(impl="rwkv_lm", impl_options={"path": str(folder), "head_size": 32, "label": "doubled"},
                           bsz=2, ctx=16, n_layer=2, n_embd=64, head_size=32, vocab=100, device="cpu")
-    model, optimizer, idx, targets = step.build(cfg)
-    assert model.impl.name == "rwkv_lm-doubled"
+    bench = step.build(cfg)
+    assert bench.model.impl.name == "rwkv_lm-doubled"
     with torch.no_grad():
-        expected = 2 * F.cross_entropy(model(idx).float().reshape(-1, cfg.vocab), targets.reshape(-1))
-    assert step.train_step(model, optimizer, idx, targets) == expected
+        logits = bench.model(bench.idx).float()
+        expected = 2 * F.cross_entropy(logits.reshape(-1, cfg.vocab), bench.targets.reshape(-1))
+    assert bench.train_step() == expected
 
 
 # --- the load() calls, read from the source; building ahead -----------------------------------------------------------

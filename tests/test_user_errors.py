@@ -195,9 +195,11 @@ def test_activation_estimate_matches_what_a_block_saves(n_embd, head_size):
     bsz = 2
     x = torch.randn(bsz, cfg.ctx_len, n_embd, requires_grad=True)
     measured = saved_for_backward_bytes(model.blocks[1], x, torch.randn_like(x))
-    estimate = estimate_training_memory(cfg, bsz, "reference", "32-true", "cpu").activations / cfg.n_layer
-    assert measured == pytest.approx(estimate, rel=0.1)
-    assert BLOCK_SAVED_VALUES * 4 < measured / (bsz * cfg.ctx_len * n_embd)  # the WKV state comes on top
+    values = bsz * cfg.ctx_len * n_embd
+    assert measured == pytest.approx(BLOCK_SAVED_VALUES * 4 * values, rel=0.05)  # the WKV op saves no state
+    # the reference's backward rebuilds one layer's per-step states (head_size x head_size per head, fp32) on top
+    estimate = estimate_training_memory(cfg, bsz, "reference", "32-true", "cpu").activations
+    assert estimate == pytest.approx(cfg.n_layer * measured + values * head_size * 4, rel=0.05)
 
 
 @pytest.mark.slow
@@ -216,6 +218,7 @@ def test_estimate_is_within_a_factor_two_of_a_tiny_runs_peak_rss(tmp_path):
 def test_gpu_estimate_is_within_a_factor_two_of_the_recorded_step_peaks():
     """The step benchmark's GPU peaks (bf16 model and optimizer, torch.cuda.max_memory_allocated) on H100/H200."""
     rows = pd.read_csv(REPO / "results" / "bench" / "step.csv").dropna(subset=["peak_mem_gib"])
+    rows = rows[rows["accel"] == "eager"]  # the estimate is the eager step's (a fused loss keeps no logits)
     assert len(rows) >= 4
     for row in rows.itertuples():
         cfg = ModelConfig(n_layer=row.n_layer, n_embd=row.n_embd, vocab_size=row.vocab, ctx_len=row.ctx)

@@ -20,19 +20,21 @@ from impls.init import lora_ranks
 # fp32 weights, gradients and AdamW's two moments (16 bytes), plus the transient copies of the foreach AdamW update
 # and of the init (8 bytes; measured).
 PARAMETER_BYTES = 24
-# Values per token and channel that one block saves for its backward besides the WKV state: 172 bytes in fp32,
-# measured with torch.autograd.graph.saved_tensors_hooks.
-BLOCK_SAVED_VALUES = 43
+# Values per token and channel that one block saves for its backward besides the WKV state: 156 bytes in fp32,
+# measured with torch.autograd.graph.saved_tensors_hooks (the WKV op saves its six inputs).
+BLOCK_SAVED_VALUES = 39
 # What a block keeps under trainer.grad_cp (its inputs x and v_first); it recomputes the rest one block at a time.
 CHECKPOINTED_BLOCK_VALUES = 2
 # Copies of the logits at the loss's peak: the logits, the log-softmax and their gradients (measured in fp32).
 LOGIT_COPIES = 4
 # A Python process with torch and Lightning loaded (measured, CPU runs only: on a GPU it is host memory).
 PROCESS_BYTES = 500 * 2**20
-# Time steps between the WKV states (head_size x head_size per head, fp32) saved for the backward: the reference
-# loop keeps every step's; the CUDA and Triton kernels keep one per chunk of 16 steps.
+# Time steps between the WKV states (head_size x head_size per head, fp32) saved for the backward: the CUDA and Triton
+# kernels keep one per chunk of 16 steps in every layer; the reference loop saves none and rebuilds every step's in
+# its backward, one layer at a time (impls/reference.py, wkv7_reference_backward).
 WKV_STATE_EVERY = {"reference": 1}
 DEFAULT_WKV_STATE_EVERY = 16
+WKV_STATES_REBUILT_IN_BACKWARD = frozenset({"reference"})
 GB = 1e9
 
 
@@ -70,12 +72,15 @@ def estimate_training_memory(cfg: ModelConfig, micro_bsz: int, impl_name: str, p
     value_bytes = _activation_bytes(precision)
     state_bytes = max(4, value_bytes)  # the WKV state stays fp32 (fp64 for fp64 inputs)
     state_every = WKV_STATE_EVERY.get(impl_name, DEFAULT_WKV_STATE_EVERY)
-    block_bytes_per_value = BLOCK_SAVED_VALUES * value_bytes + cfg.head_size * state_bytes / state_every
     values = micro_bsz * cfg.ctx_len * cfg.n_embd  # per block and value kept per token and channel
+    states = values * cfg.head_size * state_bytes / state_every  # one layer's
+    rebuilt = impl_name in WKV_STATES_REBUILT_IN_BACKWARD
+    saved_block = values * BLOCK_SAVED_VALUES * value_bytes + (0 if rebuilt else states)
     if cfg.grad_cp:
-        activations = cfg.n_layer * values * CHECKPOINTED_BLOCK_VALUES * value_bytes + values * block_bytes_per_value
+        activations = cfg.n_layer * values * CHECKPOINTED_BLOCK_VALUES * value_bytes + saved_block
     else:
-        activations = cfg.n_layer * values * block_bytes_per_value
+        activations = cfg.n_layer * saved_block
+    activations += states if rebuilt else 0  # the one layer whose backward holds them
     return MemoryEstimate(
         weights_and_optimizer=parameter_count(cfg) * PARAMETER_BYTES,
         activations=int(activations),
