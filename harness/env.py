@@ -96,6 +96,16 @@ def behaviour_flags(env: dict[str, str]) -> dict[str, str]:
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
+def model_flops_utilization(kt_per_s: float | None, non_embedding_parameters: int, world_size: int = 1
+                            ) -> float | None:
+    """6 x non-embedding parameters per token at ``kt_per_s`` over the dense bf16 peak of ``world_size`` GPUs like GPU
+    0; None without a known peak or a speed."""
+    peak = peak_bf16_flops()
+    if not (peak and kt_per_s):
+        return None
+    return kt_per_s * 1000 * 6 * non_embedding_parameters / (peak * world_size)
+
+
 def peak_bf16_flops() -> float | None:
     """The dense bf16 peak of GPU 0 (FLOP/s), None without a GPU or for a model not in :data:`PEAK_BF16_FLOPS`."""
     if not torch.cuda.is_available():

@@ -74,7 +74,7 @@ def test_runs_sharing_a_gpu_give_loss_but_no_speed(tmp_path) -> None:
     throughput = throughput_table(steps).set_index(["impl", "grouping"])
     assert throughput.loc[("fla", "by_role"), "runs"] == 1  # seeds 1 and 2 shared their GPU
     assert ("fla", "by_name") not in throughput.index
-    layers = speed_layers(tmp_path, steps).set_index("layer")
+    layers = speed_layers(tmp_path, throughput_table(steps), None).set_index("layer")
     ratio = layers.filter(like="DeepSpeed", axis=0)["fla_vs_rwkv_jit"].item()
     assert ratio == pytest.approx(0.2 / 0.25)
 

@@ -23,7 +23,7 @@ import torch
 
 import impls
 from harness.bench.grid import BenchCsv
-from harness.env import peak_bf16_flops
+from harness.env import model_flops_utilization
 from harness.errors import HarnessError
 from harness.model.rwkv import RWKV, ModelConfig, count_parameters
 from harness.numerics import synchronize
@@ -128,14 +128,12 @@ def measure(cfg: StepConfig) -> dict[str, object]:
         "nvcc_flags": impl.flags.get("nvcc_flags", ""),
         "warmup": cfg.warmup, "steps": cfg.steps,
         "accel": bench.accel.label(),
-        "mfu": _mfu(bench.model, kt_per_s) if cuda else None,
+        "mfu": _rounded(model_flops_utilization(kt_per_s, count_parameters(bench.model, True))) if cuda else None,
     }
 
 
-def _mfu(model: RWKV, kt_per_s: float) -> float | None:
-    """Model FLOPs utilisation: 6 x non-embedding parameters per token against the GPU's dense bf16 peak."""
-    peak = peak_bf16_flops()
-    return round(kt_per_s * 1000 * 6 * count_parameters(model, exclude_embedding=True) / peak, 4) if peak else None
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def append_row(row: dict[str, object], env: dict[str, object], out_dir: Path) -> Path:

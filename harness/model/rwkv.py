@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.model.fused_loss import head_loss
+from harness.model.fused_loss import L2WRAP_FACTOR, head_loss
 from impls.base import Implementation, NameMap, Transform, to_canonical, to_native
 
 
@@ -70,7 +70,7 @@ class L2Wrap(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (logits,) = ctx.saved_tensors
-        factor = 1e-4 / (logits.shape[0] * logits.shape[1])
+        factor = L2WRAP_FACTOR / (logits.shape[0] * logits.shape[1])
         maxx, ids = torch.max(logits, -1, keepdim=True)
         glogits = torch.zeros_like(logits).scatter_(-1, ids, maxx * factor)
         return grad_output, glogits

@@ -1,12 +1,11 @@
-"""The statistics of the report: which steps count for speed, Tukey's IQR fences for per-step throughput, and the
-mean with its 95% t-interval across seeds (the study's confidence intervals)."""
+"""The statistics of the report: Tukey's IQR fences for per-step throughput, and the mean with its 95% t-interval
+across seeds (the study's confidence intervals)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 
 LAST_STEPS = 200  # the published comparison's metric: mean loss over the last 200 steps
 # Student's t, two-sided 95%, by degrees of freedom; beyond the table the normal 1.96 (slightly too narrow below 30)
@@ -38,11 +37,3 @@ def mean_ci95(values: np.ndarray) -> tuple[float, float | None]:
         return mean, None
     t = T_975.get(n - 1, 1.96)
     return mean, float(t * np.std(values, ddof=1) / np.sqrt(n))
-
-
-def shares_gpu(steps: pd.DataFrame) -> pd.Series:
-    """Per step row: whether its run shared its GPU with others (``trainer.loss_only``): its loss counts, its speed
-    does not. Frames without the column (older runs, other tables' inputs) shared nothing."""
-    if "loss_only" not in steps:
-        return pd.Series(False, index=steps.index)
-    return steps["loss_only"].fillna(False).astype(bool)

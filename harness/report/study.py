@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness.report.stats import LAST_STEPS, mean_ci95, shares_gpu
+from harness.report.stats import LAST_STEPS, mean_ci95
 from harness.tables import markdown_table
 
 STUDY_EXPERIMENT = "study-fair-bsz48"
@@ -105,10 +105,12 @@ def cause_table(steps: pd.DataFrame, published: pd.DataFrame | None, experiment:
     return pd.DataFrame(rows)
 
 
-def speed_layers(results_dir: Path, steps: pd.DataFrame, experiment: str = STUDY_EXPERIMENT) -> pd.DataFrame:
-    """FLA over rwkv_jit at each layer of the stack, per GPU model (see the module docstring)."""
-    rows = [*_wkv_op_ratio(results_dir), *_bare_step_ratio(results_dir), *_plain_lightning_ratio(results_dir),
-            *_deepspeed_ratio(steps, experiment)]
+def speed_layers(results_dir: Path, throughput: pd.DataFrame, bench: pd.DataFrame | None,
+                 experiment: str = STUDY_EXPERIMENT) -> pd.DataFrame:
+    """FLA over rwkv_jit at each layer of the stack, per GPU model (see the module docstring), from the report's
+    ``throughput`` table (training runs; shared-GPU runs already left out) and ``bench`` table (bare steps)."""
+    rows = [*_wkv_op_ratio(results_dir), *_bare_step_ratio(bench), *_plain_lightning_ratio(results_dir),
+            *_deepspeed_ratio(throughput, experiment)]
     published = _published(results_dir)
     if published is not None:
         speed = published[published["quantity"] == "kt_per_s"].set_index("arm")["value"]
@@ -118,29 +120,24 @@ def speed_layers(results_dir: Path, steps: pd.DataFrame, experiment: str = STUDY
     return pd.DataFrame(rows, columns=["layer", "gpu", "fla", "rwkv_jit", "fla_vs_rwkv_jit", "unit"])
 
 
-def _latest(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    return frame.sort_values("timestamp").groupby(keys).tail(1) if "timestamp" in frame else frame.groupby(keys).tail(1)
-
-
 def _wkv_op_ratio(results_dir: Path) -> list[dict]:
     path = results_dir / "bench" / "kernels.csv"
     if not path.exists():
         return []
     k = pd.read_csv(path)
     shape = k[(k["B"] == 48) & (k["T"] == 512) & (k["H"] == 12) & (k["mode"] == "fwdbwd") & (k["status"] == "ok")]
-    times = _latest(shape, ["gpu", "kernel"]).pivot_table(index="gpu", columns="kernel", values="median_ms")
+    latest = shape.sort_values("timestamp").groupby(["gpu", "kernel"]).tail(1)
+    times = latest.pivot_table(index="gpu", columns="kernel", values="median_ms")
     return [{"layer": "WKV op alone (B=48 T=512 H=12, fwd+bwd; time: lower is faster)", "gpu": gpu,
              "fla": row["fla_chunk"], "rwkv_jit": row["cuda"], "fla_vs_rwkv_jit": row["cuda"] / row["fla_chunk"],
              "unit": "ms"} for gpu, row in times.iterrows() if {"fla_chunk", "cuda"} <= set(row.dropna().index)]
 
 
-def _bare_step_ratio(results_dir: Path) -> list[dict]:
-    path = results_dir / "bench" / "step.csv"
-    if not path.exists():
+def _bare_step_ratio(bench: pd.DataFrame | None) -> list[dict]:
+    if bench is None:
         return []
-    bench = pd.read_csv(path)
-    bench = bench[(bench["bsz"] == 48) & (bench["accel"].fillna("eager") == "eager")]
-    speed = _latest(bench, ["gpu", "impl"]).pivot_table(index="gpu", columns="impl", values="kt_per_s")
+    eager = bench[(bench["bsz"] == 48) & (bench["accel"] == "eager")]  # the latest row of each already
+    speed = eager.pivot_table(index="gpu", columns="impl", values="kt_per_s")
     return _ratio_rows("bare step (bf16 weights, fused AdamW)", speed)
 
 
@@ -154,15 +151,12 @@ def _plain_lightning_ratio(results_dir: Path) -> list[dict]:
     return _ratio_rows("plain Lightning (bf16-true, single device)", speed)
 
 
-def _deepspeed_ratio(steps: pd.DataFrame, experiment: str) -> list[dict]:
-    runs = steps[(steps["experiment"] == experiment) & (steps["init"] == "shared") & (steps["grouping"] == "by_role")
-                 & (steps["warmup"] == 0) & ~shares_gpu(steps)]
-    if runs.empty:
+def _deepspeed_ratio(throughput: pd.DataFrame, experiment: str) -> list[dict]:
+    if throughput.empty:
         return []
-    per_run = runs.groupby(["gpu", "impl", "run_id"]).apply(
-        lambda run: (run["tokens"] / (run["step"] + 1)).iloc[0] * len(run) / run["step_time_s"].sum() / 1000,
-        include_groups=False)
-    speed = per_run.groupby(["gpu", "impl"]).mean().unstack("impl")
+    arms = throughput[(throughput["experiment"] == experiment) & (throughput["init"] == "shared")
+                      & (throughput["grouping"] == "by_role") & (throughput["accel"] == "eager")]
+    speed = arms.pivot_table(index="gpu", columns="impl", values="kt_s_aggregate")
     return _ratio_rows(f"DeepSpeed ZeRO-2 training ({experiment}, dedicated runs)", speed)
 
 
@@ -177,12 +171,13 @@ def _published(results_dir: Path) -> pd.DataFrame | None:
     return pd.read_csv(path) if path.exists() else None
 
 
-def study_markdown(results_dir: Path, steps: pd.DataFrame) -> list[str]:
+def study_markdown(results_dir: Path, steps: pd.DataFrame, throughput: pd.DataFrame,
+                   bench: pd.DataFrame | None) -> list[str]:
     """The headline sections, or nothing when the study experiment has no runs."""
     if not (steps["experiment"] == STUDY_EXPERIMENT).any():
         return []
     causes = cause_table(steps, _published(results_dir))
-    speeds = speed_layers(results_dir, steps)
+    speeds = speed_layers(results_dir, throughput, bench)
     return [
         f"### The study's headline: the published RWKV-vs-FLA gaps by cause ({STUDY_EXPERIMENT})",
         f"Loss gap to `rwkv_jit` from shared weights with fair optimizer groups: per seed the difference of the mean "

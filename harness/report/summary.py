@@ -27,7 +27,7 @@ from harness.bench.grid import Series, device_label
 from harness.errors import HarnessError, exit_on_user_error
 from harness.figures import save_figure
 from harness.report.accel_runs import accel_pairs_markdown
-from harness.report.stats import LAST_STEPS, mean_ci95, shares_gpu, tukey_filter
+from harness.report.stats import LAST_STEPS, mean_ci95, tukey_filter
 from harness.report.study import study_markdown
 from harness.synthetic.report import synthetic_markdown
 from harness.tables import format_throughput, markdown_table
@@ -119,6 +119,14 @@ def _arm(key: tuple) -> dict:
 
 
 # --- tables ----------------------------------------------------------------------------------------------
+
+
+def shares_gpu(steps: pd.DataFrame) -> pd.Series:
+    """Per step row: whether its run shared its GPU with others (``trainer.loss_only``): its loss counts, its speed
+    does not. Frames without the column (older runs, other tables' inputs) shared nothing."""
+    if "loss_only" not in steps:
+        return pd.Series(False, index=steps.index)
+    return steps["loss_only"].fillna(False).astype(bool)
 
 
 def throughput_table(steps: pd.DataFrame) -> pd.DataFrame:
@@ -510,8 +518,8 @@ def build_report(results_dir: Path, figures_dir: Path, experiments: list[str] | 
             written.append(out / "loss_gap.png")
     bench = bench_table(results_dir)
     throughput = with_bare_ratio(throughput, bench)
-    extra = (study_markdown(results_dir, steps) + overhead_markdown(results_dir) + kernels_markdown(results_dir)
-             + inference_markdown(results_dir))
+    extra = (study_markdown(results_dir, steps, throughput, bench) + overhead_markdown(results_dir)
+             + kernels_markdown(results_dir) + inference_markdown(results_dir))
     extra += synthetic_markdown(results_dir, figures_dir)  # results/synthetic-article3 (harness/synthetic)
     summary = summary_markdown(throughput, losses, steps, bench, extra)
     (results_dir / "summary.md").write_text(summary)

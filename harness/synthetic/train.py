@@ -45,6 +45,7 @@ from harness.bench.grid import BenchCsv, csv_cells
 from harness.config import CONF_DIR, compose_config, dataclass_from
 from harness.env import environment
 from harness.errors import HarnessError
+from harness.results import write_json_atomic
 from harness.run_lock import RunLock
 from harness.synthetic import models as zoo
 from harness.synthetic import task
@@ -203,9 +204,7 @@ def run_path(out: Path, model: str, seed: int) -> Path:
 
 def write_record(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(path)
+    write_json_atomic(path, record)
 
 
 def train_one(name: str, seed: int, cfg: SyntheticConfig, log: BenchCsv, written: dict[int, dict[str, str]],

@@ -117,10 +117,9 @@ def default_run_id(impl: str, init: str, grouping: str, accel: Accel, bsz: int, 
 
 def _check_accel(plan: Plan) -> None:
     """A CUDA-graphed step replays the whole step, optimizer included: one GPU, plain Lightning's own optimizer."""
+    plan.accel.check("cuda" if plan.accelerator == "gpu" else "cpu")
     if not plan.accel.cuda_graph:
         return
-    if plan.accelerator != "gpu":
-        raise HarnessError("accel.cuda_graph needs a CUDA GPU")
     if plan.strategy != "single_device" or plan.world_size != 1:
         raise HarnessError("accel.cuda_graph captures the optimizer step, which DeepSpeed and DDP run outside the "
                            f"graph; use trainer.strategy=single_device on one GPU (got {plan.strategy})")

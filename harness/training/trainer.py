@@ -31,7 +31,7 @@ from harness.data.binidx import (
     ResumeSampler,
     StepWindows,
 )
-from harness.env import environment, peak_bf16_flops
+from harness.env import environment, model_flops_utilization
 from harness.errors import HarnessError
 from harness.model.init import apply_init
 from harness.model.rwkv import RWKV, count_parameters
@@ -364,15 +364,14 @@ def _record_start(cfg: DictConfig, plan: Plan, model: RWKV, init_record: dict, r
 def _summarize(plan: Plan, model: RWKV, recorder: StepRecorder, setup_s: float) -> dict:
     rows = read_steps(plan.run_dir.steps_csv) if plan.run_dir.steps_csv.exists() else []
     summary = throughput_summary(rows, plan.tokens_per_step)
-    flops_per_token = 6 * count_parameters(model, exclude_embedding=True)
-    peak = peak_bf16_flops()
+    non_embedding = count_parameters(model, exclude_embedding=True)
     kt = summary["kt_per_s"]
     summary.update(
         step_timing="cuda_events" if plan.accelerator == "gpu" else "wall_clock",
         setup_s=setup_s,
         first_step_s=recorder.first_step_s,
-        flops_per_token=flops_per_token,
-        mfu=(kt * 1000 * flops_per_token / (peak * plan.world_size)) if (peak and kt) else None,
+        flops_per_token=6 * non_embedding,
+        mfu=model_flops_utilization(kt, non_embedding, plan.world_size),
     )
     return summary
 
