@@ -18,6 +18,7 @@ from pathlib import Path
 from harness.errors import HarnessError
 
 LOCK_NAME = "run.lock"
+HOLDER_WRITE_WAIT_S = 5.0  # how long a second process waits for the lock's holder to name itself
 
 
 class RunLock:
@@ -42,7 +43,7 @@ class RunLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = _holder(fd)
+                holder = _wait_for_holder(fd)
                 os.close(fd)
                 raise HarnessError(f"{self.run_dir} is in use by {holder}; wait for that run to end, or stop it "
                                    f"(Ctrl-C checkpoints it), or choose another run_id=") from None
@@ -95,13 +96,21 @@ def _write_holder(fd: int) -> None:
     os.fsync(fd)
 
 
-def _holder(fd: int) -> str:
-    """The holder as its lock file names it; the holder may not have written itself yet."""
-    try:
-        holder = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
-    except ValueError:
-        holder = {}
-    if "pid" not in holder:
+def _wait_for_holder(fd: int) -> str:
+    """The holder as its lock file names it. A holder writes itself just after it locks, so a lock found with no
+    holder written yet is read again for a few seconds (a loaded machine can deschedule the holder in between)."""
+    deadline = time.monotonic() + HOLDER_WRITE_WAIT_S
+    while (holder := _read_holder(fd)) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if holder is None:
         return "another process (it has not written its pid yet)"
     return (f"pid {holder['pid']} on host {holder.get('host', '?')} (started {holder.get('started', '?')}: "
             f"{holder.get('command', '?')})")
+
+
+def _read_holder(fd: int) -> dict | None:
+    try:
+        holder = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
+    except ValueError:  # caught between the holder's truncate and its write
+        return None
+    return holder if "pid" in holder else None

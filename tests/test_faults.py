@@ -5,11 +5,14 @@ ends with the log an uninterrupted run writes, or with one ``error:`` line and n
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
+import os
 import random
 import shutil
 import signal
 import subprocess
+import threading
 import sys
 import time
 from collections.abc import Callable
@@ -159,6 +162,22 @@ def test_a_held_lock_refuses_in_one_line_and_a_killed_holders_lock_does_not(clea
     finally:
         lock.release()
     assert (run / LOCK_NAME).exists() and (run / "run.json").exists()
+
+
+def test_a_lock_found_before_its_holder_named_itself_waits_for_the_name(tmp_path):
+    """The window between a holder's flock and its pid write: the second process reads the name once it is there."""
+    run = tmp_path / "run"
+    run.mkdir()
+    fd = os.open(run / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # locked, nothing written yet
+    name_later = threading.Timer(0.3, os.pwrite, (fd, json.dumps({"pid": 4242, "host": "h"}).encode(), 0))
+    name_later.start()
+    try:
+        with pytest.raises(HarnessError, match="in use by pid 4242 on host h "):
+            RunLock(run).acquire()
+    finally:
+        name_later.join()
+        os.close(fd)
 
 
 def interleave(text: str) -> str:
