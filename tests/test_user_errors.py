@@ -4,6 +4,8 @@ memory; and a quiet trainer: none of Lightning's chatter around the harness's ow
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import re
 import subprocess
@@ -20,6 +22,7 @@ from helpers import REPO, assert_process_user_error
 import impls
 from harness.data import binidx
 from harness.data.binidx import BinIdx, DataError, check_token_ids, token_range, write_binidx
+from harness.errors import HarnessError
 from harness.model.rwkv import RWKV, ModelConfig, count_parameters
 from harness.tables import format_throughput
 from harness.training.memory import (
@@ -79,6 +82,76 @@ def test_the_bundled_sample_is_refused_by_a_smaller_vocabulary(tmp_path):
     results = tmp_path / "results"
     proc = harness_run(*SMALL, "model.vocab_size=1000", "trainer.max_steps=2", f"results_dir={results}")
     assert_refused(proc, "outside the model's vocabulary 0..999", results)
+
+
+# --- the pinned corpus ---------------------------------------------------------------------------------------------
+
+
+def plan_for(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from harness.training.plan import plan_run
+
+    with initialize_config_dir(version_base=None, config_dir=str(REPO / "conf")):
+        return plan_run(compose("config", overrides=list(overrides)))
+
+
+def test_a_corpus_other_than_the_pinned_one_is_refused_and_sha256_null_lets_it_through(tmp_path):
+    prefix = tmp_path / "corpus"
+    write_binidx(prefix, np.array_split(np.random.default_rng(0).integers(0, 1000, 200_000).astype(np.uint16), 9))
+    results = tmp_path / "results"
+    other = [*SMALL, "data=corpus", f"data.path={prefix}", f"results_dir={results}"]
+    proc = harness_run(*other, "trainer.max_steps=2")
+    assert_refused(proc, "not the 149870477292... that conf/data/corpus.yaml pins", results)
+    assert "data.sha256=null" in proc.stderr
+    digest = hashlib.sha256(prefix.with_suffix(".bin").read_bytes()).hexdigest()
+    assert plan_for(*other, "data.sha256=null").data_sha256 == digest
+    assert plan_for(*other, f"data.sha256={digest}").data_sha256 == digest
+
+
+def build_corpus_module():
+    spec = importlib.util.spec_from_file_location("build_corpus", REPO / "scripts" / "build_corpus.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_prefix(prefix: Path, content: bytes) -> None:
+    for suffix in (".bin", ".idx", ".manifest.json"):
+        Path(f"{prefix}{suffix}").write_bytes(content + suffix.encode())
+
+
+def test_the_corpus_build_replaces_no_different_corpus_and_installs_only_the_pinned_one(tmp_path):
+    build_corpus = build_corpus_module()
+    built, out = tmp_path / "corpus.building-1", tmp_path / "corpus"
+    write_prefix(built, b"new")
+    write_prefix(out, b"old")
+    digest = hashlib.sha256(b"new.bin").hexdigest()
+    with pytest.raises(HarnessError, match="not the pinned 000000000000"):
+        build_corpus.install(built, out, pinned="0" * 64)
+    with pytest.raises(HarnessError, match="exists and differs from this build; nothing was replaced"):
+        build_corpus.install(built, out, pinned=digest)
+    assert Path(f"{out}.bin").read_bytes() == b"old.bin" and Path(f"{built}.bin").exists()
+    write_prefix(out, b"new")  # an identical corpus is replaced by the same bytes and a fresh manifest
+    build_corpus.install(built, out, pinned=digest)
+    assert Path(f"{out}.bin").read_bytes() == b"new.bin" and not Path(f"{built}.bin").exists()
+
+
+def test_the_corpus_build_takes_a_pinned_deb_from_a_folder_and_refuses_another(tmp_path):
+    build_corpus = build_corpus_module()
+    (tmp_path / "doc_1.0_all.deb").write_bytes(b"other build")
+    (tmp_path / "doc_1.0-1_all.deb").write_bytes(b"pinned build")
+    pin = build_corpus.Pin("1.0-1", hashlib.sha256(b"pinned build").hexdigest())
+    assert build_corpus.local_deb("doc", pin, tmp_path) == tmp_path / "doc_1.0-1_all.deb"
+    with pytest.raises(HarnessError, match="pins for doc 1.0-1"):
+        build_corpus.check_deb(tmp_path / "doc_1.0_all.deb", "doc", pin)
+
+
+def test_the_lock_pins_every_package_the_corpus_build_reads():
+    build_corpus = build_corpus_module()
+    assert sorted(build_corpus.read_pins()) == sorted(source.package for source in build_corpus.SOURCES)
+    assert len(build_corpus.pinned_corpus_sha256()) == 64
 
 
 def test_token_range_is_scanned_once_per_file(tmp_path, monkeypatch):

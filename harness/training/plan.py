@@ -19,7 +19,7 @@ import impls
 from harness.data.binidx import BinIdx, check_token_ids, default_data_prefix, validate_for_training
 from harness.errors import HarnessError
 from harness.model.rwkv import ModelConfig
-from harness.results import RunDir
+from harness.results import RunDir, file_sha256
 from harness.training.accel import Accel
 from harness.training.memory import available_memory, check_fits, estimate_training_memory
 from impls.base import Implementation
@@ -33,6 +33,7 @@ class Plan:
     model_cfg: ModelConfig
     run_dir: RunDir
     data_prefix: Path
+    data_sha256: str
     data_tokens: int
     magic_prime: int
     micro_bsz: int
@@ -66,6 +67,19 @@ def open_data(prefix: Path, hint: str | None) -> BinIdx:
     return BinIdx(prefix)
 
 
+def check_pinned_data(bin_path: Path, data_cfg: DictConfig) -> str:
+    """The data file's sha256; a HarnessError when the data config pins another one (``data.sha256``), so that the
+    runs of one study never train on two corpora that only share a name."""
+    digest = file_sha256(bin_path)
+    pinned = data_cfg.get("sha256")
+    if pinned and digest != pinned:
+        raise HarnessError(f"{bin_path} has sha256 {digest[:12]}..., not the {pinned[:12]}... that "
+                           f"conf/data/{data_cfg.name}.yaml pins, so its runs would not compare with those already "
+                           f"made; rebuild the pinned one ({data_cfg.get('hint', 'see the data config')}), or "
+                           f"pass data.sha256=null to train on this file anyway")
+    return digest
+
+
 def plan_run(cfg: DictConfig) -> Plan:
     """Validate the config and the environment; raise a one-line HarnessError for anything wrong."""
     if not isinstance(cfg.bsz, int) or cfg.bsz <= 0:
@@ -87,12 +101,13 @@ def plan_run(cfg: DictConfig) -> Plan:
     data = open_data(prefix, cfg.data.get("hint"))
     prime = validate_for_training(data, model_cfg.ctx_len)
     check_token_ids(data, model_cfg.vocab_size)
+    data_sha256 = check_pinned_data(data.bin_path, cfg.data)
     world_size = int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)
     accel = Accel.from_config(cfg.get("accel"))
     run_id = cfg.run_id or default_run_id(impl.name, cfg.init.mode, cfg.optim.grouping, accel, cfg.bsz, cfg.seed)
     plan = Plan(
         impl=impl, model_cfg=model_cfg, run_dir=RunDir(Path(cfg.results_dir) / cfg.experiment / run_id),
-        data_prefix=prefix, data_tokens=data.num_tokens, magic_prime=prime, micro_bsz=cfg.bsz,
+        data_prefix=prefix, data_sha256=data_sha256, data_tokens=data.num_tokens, magic_prime=prime, micro_bsz=cfg.bsz,
         world_size=world_size, max_steps=int(cfg.trainer.max_steps), accelerator=accelerator,
         strategy=_strategy(cfg.trainer.strategy, accelerator, world_size),
         precision=_precision(cfg.trainer.precision, accelerator),

@@ -9,7 +9,6 @@ diagnostics) -> throughput summary into run.json. Rerunning the same command res
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import time
@@ -35,7 +34,7 @@ from harness.env import environment, model_flops_utilization
 from harness.errors import HarnessError
 from harness.model.init import apply_init
 from harness.model.rwkv import RWKV, count_parameters
-from harness.results import RunDir, StepLog, portable_path, read_steps, throughput_summary
+from harness.results import RunDir, StepLog, file_sha256, portable_path, read_steps, throughput_summary
 from harness.run_lock import RunLock
 from harness.training.accel import GraphedStep, forward_backward, loss_function
 from harness.training.callbacks import (
@@ -79,7 +78,7 @@ def build_model(cfg: DictConfig, plan: Plan) -> tuple[RWKV, dict]:
         model.load_canonical_state_dict(_load_shared_init(path, key))
     else:
         _save_shared_init(path, apply_init(model, mode, cfg.seed), key)
-    return model, {"mode": mode, "seed": cfg.seed, "key": key, "file": portable_path(path), "sha256": _sha256(path)}
+    return model, {"mode": mode, "seed": cfg.seed, "key": key, "file": portable_path(path), "sha256": file_sha256(path)}
 
 
 def _save_shared_init(path: Path, state: dict[str, torch.Tensor], key: dict[str, str]) -> None:
@@ -99,14 +98,6 @@ def _load_shared_init(path: Path, key: dict[str, str]) -> dict[str, torch.Tensor
             return {name: f.get_tensor(name).float() for name in f.keys()}  # noqa: SIM118 (safe_open has no iter)
     except (OSError, SafetensorError) as exc:
         raise HarnessError(f"{path} is unreadable ({exc}); move it away and the init is made again") from None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class LitRWKV(L.LightningModule):
@@ -352,7 +343,7 @@ def _record_start(cfg: DictConfig, plan: Plan, model: RWKV, init_record: dict, r
                  "loss_only": bool(cfg.trainer.loss_only)},
         accel={**dataclasses.asdict(plan.accel), "label": plan.accel.label()},
         data={"prefix": portable_path(plan.data_prefix), "tokens": plan.data_tokens, "magic_prime": plan.magic_prime,
-              "sha256": _sha256(Path(f"{plan.data_prefix}.bin"))},
+              "sha256": plan.data_sha256},
         tokens_per_step=plan.tokens_per_step,
         parameters={"total": count_parameters(model), "non_embedding": count_parameters(model, True)},
         optimizer_groups=describe_groups(groups, model),
