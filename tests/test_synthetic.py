@@ -143,6 +143,17 @@ def test_the_report_gives_means_and_t_intervals_across_seeds(tmp_path):
     assert png.read_bytes() == first  # byte-identical figures from the same rows
 
 
+def test_the_milestones_name_the_first_epoch_at_half_accuracy_per_seed_or_never():
+    rows = [{"model": "rwkv", "seed": seed, "epoch": epoch, "test_acc_short": short, "test_acc_long": long}
+            for seed, curve in enumerate([[(0.1, 0.0), (0.5, 0.2), (0.9, 0.6)], [(0.6, 0.1), (0.4, 0.1), (0.7, 0.2)]])
+            for epoch, (short, long) in enumerate(curve, start=1)]
+    frame = pd.DataFrame(rows)
+    firsts = report.first_epochs_at(frame, "test_acc_long").set_index("seed")["epoch"]
+    assert firsts[0] == 3 and np.isnan(firsts[1])
+    text = report.milestones_markdown(frame)
+    assert "| RWKV-7 | seed 0: 2, seed 1: 1 | seed 0: 3, seed 1: never |" in text
+
+
 def test_latency_ratios_from_decoding_rows():
     rows = []
     for model, impl, ms in (("rwkv", "reference", (1.0, 1.0)), ("transformer", "sdpa", (0.5, 2.0)),

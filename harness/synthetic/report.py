@@ -131,6 +131,31 @@ def accuracy_markdown(table: pd.DataFrame, article: pd.DataFrame | None) -> str:
     return markdown_table(pd.DataFrame(rows))
 
 
+MILESTONE = 0.5  # the accuracy a pattern counts as learnt at
+
+
+def first_epochs_at(frame: pd.DataFrame, metric: str, threshold: float = MILESTONE) -> pd.DataFrame:
+    """Per (model, seed): the first epoch whose ``metric`` reaches ``threshold`` (NaN where none does)."""
+    reached = frame[frame[metric] >= threshold].groupby(["model", "seed"])["epoch"].min()
+    runs = frame[["model", "seed"]].drop_duplicates().set_index(["model", "seed"])
+    return runs.join(reached.rename("epoch")).reset_index()
+
+
+def milestones_markdown(frame: pd.DataFrame) -> str:
+    """When each model learnt each kind of pattern: per seed, the first epoch at 50% test accuracy on it."""
+    kinds = {"test_acc_short": "short-range (motifs)", "test_acc_long": "long-range (the recalled key)"}
+    rows = []
+    for model in _order(frame["model"]):
+        row = {"model": LABELS.get(model, model)}
+        for metric, kind in kinds.items():
+            epochs = first_epochs_at(frame[frame["model"] == model], metric).sort_values("seed")
+            row[f"first epoch ≥ {MILESTONE:.0%}, {kind}"] = ", ".join(
+                f"seed {seed}: {'never' if np.isnan(epoch) else int(epoch)}"
+                for seed, epoch in zip(epochs["seed"], epochs["epoch"], strict=True))
+        rows.append(row)
+    return markdown_table(pd.DataFrame(rows))
+
+
 def plot_curves(frame: pd.DataFrame, path: Path) -> None:
     """Test accuracy (predictable and all positions) and train/test loss per epoch: per model the mean over its seeds
     and the 95% t-interval band."""
@@ -309,6 +334,9 @@ def markdown(out: Path, figures: Path, published: Path) -> list[str]:
         f"({published.name}) come from its own unpublished generator, sizes and hardware. Curves: {figure}.",
         *filter(None, [_data_line(records)]),
         accuracy_markdown(table, article),
+        f"When each pattern was learnt (from {csv_path}: per seed, the first epoch whose test accuracy on that kind "
+        f"of target reaches {MILESTONE:.0%}; the curves are in {figure}):",
+        milestones_markdown(frame),
     ]
     inference = out / "inference.csv"
     if inference.exists():
