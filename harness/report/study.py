@@ -40,6 +40,7 @@ class Cause:
     published_arm: str | None = None
 
 
+NOT_RUN = "not run yet (scripts/device/study_seeds.sh)"
 CAUSES = (
     Cause("kernels and numerics (FLA, shared weights, fair groups)", "fla", "shared", "by_role"),
     Cause("optimizer groups by RWKV-LM's names (the published confound)", "fla", "shared", "by_name", "fla-share"),
@@ -92,17 +93,20 @@ def cause_table(steps: pd.DataFrame, published: pd.DataFrame | None, experiment:
         arm = _arm(losses, cause.impl, cause.init, cause.grouping)
         seeds = sorted(seed for seed in set(arm.index) & set(base.index)
                        if arm.loc[seed, "steps"] == base.loc[seed, "steps"])
-        if not seeds:
+        published_gap = (published_loss[cause.published_arm] - published_loss[PUBLISHED_BASELINE]
+                         if cause.published_arm in published_loss and PUBLISHED_BASELINE in published_loss else None)
+        row = {"cause": cause.label, "arm": f"{cause.impl} {cause.init} {cause.grouping}", "seeds": len(seeds),
+               "published_gap": published_gap}
+        if not seeds:  # shown, so that the table says which causes are still unmeasured
+            rows.append(row | {"steps": None, "loss_gap": None, "ci95": None, "ci_width": None,
+                               "verdict": NOT_RUN})
             continue
         gaps = np.array([arm.loc[seed, "loss"] - base.loc[seed, "loss"] for seed in seeds])
         mean, half = mean_ci95(gaps)
-        published_gap = (published_loss[cause.published_arm] - published_loss[PUBLISHED_BASELINE]
-                         if cause.published_arm in published_loss and PUBLISHED_BASELINE in published_loss else None)
-        rows.append({"cause": cause.label, "arm": f"{cause.impl} {cause.init} {cause.grouping}",
-                     "seeds": len(seeds), "steps": int(base.loc[seeds[0], "steps"]), "loss_gap": mean,
-                     "ci95": half, "ci_width": None if half is None else 2 * half,
-                     "verdict": verdict(mean, half), "published_gap": published_gap})
-    return pd.DataFrame(rows)
+        rows.append(row | {"steps": int(base.loc[seeds[0], "steps"]), "loss_gap": mean, "ci95": half,
+                           "ci_width": None if half is None else 2 * half, "verdict": verdict(mean, half)})
+    columns = ["cause", "arm", "seeds", "steps", "loss_gap", "ci95", "ci_width", "verdict", "published_gap"]
+    return pd.DataFrame(rows, columns=columns).astype({"steps": "Int64"})
 
 
 def speed_layers(results_dir: Path, throughput: pd.DataFrame, bench: pd.DataFrame | None,
@@ -186,7 +190,7 @@ def study_markdown(results_dir: Path, steps: pd.DataFrame, throughput: pd.DataFr
         "these seeds could see. `published_gap`: the published arm minus the published RWKV-LM run "
         "(results/published/rwkv-fla-comparison.csv; MiniPile, 2000 steps, where ours is Debian documentation, "
         "1000 steps).",
-        markdown_table(causes) if not causes.empty else "No arm has a run paired with the baseline yet.",
+        markdown_table(causes),
         "Speed of FLA over `rwkv_jit` at bsz 48, layer by layer (WKV op: time ratio `rwkv_jit`/`fla`; the rest: "
         "kt/s ratio). Runs flagged `loss_only` shared their GPU and give no speed.",
         markdown_table(speeds),
