@@ -340,6 +340,7 @@ def test_resume_keeps_rows_of_this_gpu_only_and_failures_block_longer_contexts(t
     (["impls=cuda"], "unknown RWKV impl(s) cuda"),
     (["dtype=fp16"], "dtype=fp16"),
     (["n_layer=1"], "n_layer must be at least 2"),
+    (["fused_step=1"], "the fused decode step is a Triton kernel: it needs a CUDA GPU"),
     pytest.param(["device=cuda"], "no CUDA GPU", marks=pytest.mark.skipif(torch.cuda.is_available(),
                                                                          reason="a GPU is visible")),
 ])

@@ -24,6 +24,9 @@ Models (same width, vocabulary and, for the Transformer, depth; parameter counts
 ``compile=1`` adds a twin of every model whose decode step runs through ``torch.compile`` (:class:`CompiledDecoder`,
 impl ``<impl>+compile``; prefill stays eager): what the same models decode at when TorchInductor fuses the small
 operators of an eager step, the cost that bounds a small model's eager decoding (``--count-ops``).
+``fused_step=1`` adds a twin of every RWKV impl whose decode step runs each layer's WKV update and readout (GroupNorm,
+bonus, gate) as one Triton kernel (:mod:`impls.wkv7_decode_triton`, impl ``<impl>+fused``; the prefill stays the
+impl's); with ``compile=1`` too, those are compiled as well (``<impl>+fused+compile``).
 
 Timing. Before the grid every model runs once untimed (batch 1, the shortest L, one decode step: the CUDA build,
 Triton autotuning and cuDNN/cuBLAS set-up happen there). Prefill: ``prefill_warmup`` untimed runs, then the median
@@ -82,6 +85,7 @@ from harness.model.decoding import BACKENDS, CompiledDecoder, Decoder, RWKVDecod
 from harness.model.rwkv import RWKV, ModelConfig, count_parameters
 from harness.numerics import synchronize
 from impls.wkv7_cuda import CHUNK_LEN
+from impls.wkv7_decode_triton import check_runnable as check_fused_step_runnable
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 MODELS = ("rwkv", "transformer", "lstm")
@@ -198,6 +202,7 @@ class InferenceConfig:
     prefill_reps: int = 2
     graphs: int = 1  # 1: decode steps as CUDA graphs (on a GPU)
     compile: int = 0  # 1: also each model with its decode step compiled by torch.compile (impl "<impl>+compile")
+    fused_step: int = 0  # 1: also each RWKV impl with its WKV + readout as one Triton kernel (impl "<impl>+fused")
     max_prefill_s: float = 30.0  # a slower warm-up prefill skips this and larger L for the model
     time_budget_s: float = 0.0  # 0: no limit
     resume: bool = False  # keep the rows of out/inference.csv measured with this set-up; measure the rest
@@ -227,6 +232,8 @@ def validate(cfg: InferenceConfig) -> None:
     cuda = cfg.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         raise HarnessError("device=cuda but no CUDA GPU is visible; use device=cpu for a smoke run")
+    if cfg.fused_step and "rwkv" in cfg.models:
+        check_fused_step_runnable(torch.device(cfg.device))
     for name in cfg.impls if "rwkv" in cfg.models else ():
         backend = BACKENDS[name]
         if backend.needs_cuda and not cuda:
@@ -239,7 +246,8 @@ def validate(cfg: InferenceConfig) -> None:
 
 def build_decoders(cfg: InferenceConfig) -> list[Decoder]:
     """The RWKV model (one per run, shared by its impls) and the baselines matched to its parameter count, on the
-    device in cfg.dtype; with ``compile=1`` each of them once more with a compiled decode step."""
+    device in cfg.dtype; with ``fused_step=1`` each RWKV impl once more with the fused decode step, with ``compile=1``
+    each of them once more with a compiled decode step."""
     device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
     torch.manual_seed(cfg.seed)
     rwkv = RWKV(impls.get("reference"), ModelConfig(n_layer=cfg.n_layer, n_embd=cfg.n_embd,
@@ -249,7 +257,8 @@ def build_decoders(cfg: InferenceConfig) -> list[Decoder]:
     for name in cfg.models:
         if name == "rwkv":
             rwkv = rwkv.to(device=device, dtype=dtype)
-            decoders += [RWKVDecoder(rwkv, BACKENDS[impl]) for impl in cfg.impls]
+            decoders += [RWKVDecoder(rwkv, BACKENDS[impl], fused) for fused in ((False, True) if cfg.fused_step else (False,))
+                         for impl in cfg.impls]
         elif name == "transformer":
             width = matched_mlp_width(target, cfg.vocab, cfg.n_layer, cfg.n_embd)
             decoders.append(CausalTransformer(cfg.vocab, cfg.n_layer, cfg.n_embd, cfg.head_size, width)

@@ -24,6 +24,7 @@ from harness.errors import HarnessError
 from harness.model.rwkv import RWKV
 from impls.reference import W_SCALE, log_decay, wkv7_reference
 from impls.triton_autotune import activate_for_fla
+from impls.wkv7_decode_triton import wkv7_decode_step
 from impls.wkv7_cuda import CHUNK_LEN, load_extension
 
 # wkv(r, w, k, v, kk, a, state) -> (y, final_state): inputs (B, T, H, N) as TimeMix.project makes them (w the raw
@@ -116,10 +117,12 @@ def _previous(module: nn.Module, x: torch.Tensor, last: torch.Tensor | None) -> 
     return module.time_shift(x) if last is None else torch.cat((last.unsqueeze(1), x[:, :-1]), dim=1)
 
 
-def rwkv_with_state(model: RWKV, idx: torch.Tensor, state: RWKVState | None, wkv: WKV,
-                    key_major: bool) -> tuple[torch.Tensor, RWKVState]:
+def rwkv_with_state(model: RWKV, idx: torch.Tensor, state: RWKVState | None, wkv: WKV, key_major: bool,
+                    fused_step: bool = False) -> tuple[torch.Tensor, RWKVState]:
     """Logits of the last position (B, V) of tokens ``idx`` (B, T) continuing from ``state`` (None: a fresh
-    sequence), and the state after them: each block's own ``run`` around state-carrying time-mix and channel-mix."""
+    sequence), and the state after them: each block's own ``run`` around state-carrying time-mix and channel-mix.
+    With ``fused_step`` a single token continuing a state runs its WKV and readout as one Triton kernel
+    (:func:`impls.wkv7_decode_triton.wkv7_decode_step`), updating ``state.wkv`` in place."""
     att_x, ffn_x, wkv_states = [], [], []
 
     def time_mix(att: nn.Module, i: int) -> Callable:
@@ -127,10 +130,16 @@ def rwkv_with_state(model: RWKV, idx: torch.Tensor, state: RWKVState | None, wkv
             r, w, k, v, kk, a, g, v_first = att.project(
                 xa, _previous(att, xa, None if state is None else state.att_x[i]), v_first)
             B, T, C = r.shape
+            att_x.append(xa[:, -1].clone())
+            if fused_step and state is not None and T == 1:
+                held = state.wkv[i]
+                mixed = wkv7_decode_step(held, *(t[:, 0] for t in (r, w, k, v, kk, a, g)), att.r_k, att.ln_x,
+                                         key_major)
+                wkv_states.append(held)
+                return att.output(mixed.unsqueeze(1)), v_first
             heads = (B, T, att.n_head, att.head_size)
             y, wkv_state = wkv(*(t.view(heads) for t in (r, w, k, v, kk, a)),
                                None if state is None else state.wkv[i])
-            att_x.append(xa[:, -1].clone())
             wkv_states.append(wkv_state)
             return att.readout(y.reshape(B, T, C), r, k, v, g), v_first
         return step
@@ -170,10 +179,14 @@ class Decoder(Protocol):
 
 
 class RWKVDecoder:
+    """RWKV-7 decoding on one WKV backend; ``fused_step`` runs each layer's decode-step WKV and readout as one Triton
+    kernel (impl ``<backend>+fused``; the prefill stays the backend's)."""
+
     model_name = "rwkv"
 
-    def __init__(self, model: RWKV, backend: WKVBackend):
-        self.module, self.backend, self.impl = model, backend, backend.name
+    def __init__(self, model: RWKV, backend: WKVBackend, fused_step: bool = False):
+        self.module, self.backend, self.fused_step = model, backend, fused_step
+        self.impl = f"{backend.name}+fused" if fused_step else backend.name
 
     def prefill(self, idx: torch.Tensor, capacity: int = 0) -> tuple[torch.Tensor, RWKVState]:
         """Logits after prompt ``idx`` (B, L) and the state; the state's size does not depend on ``capacity``."""
@@ -181,9 +194,11 @@ class RWKVDecoder:
 
     def step(self, idx: torch.Tensor, state: RWKVState) -> torch.Tensor:
         """Logits (B, V) after one token per sequence ``idx`` (B, 1); ``state`` is updated in place."""
-        logits, new = rwkv_with_state(self.module, idx, state, self.backend.step, self.backend.key_major)
+        logits, new = rwkv_with_state(self.module, idx, state, self.backend.step, self.backend.key_major,
+                                      self.fused_step)
         for held, fresh in zip(state.tensors(), new.tensors(), strict=True):
-            held.copy_(fresh)
+            if fresh is not held:  # the fused step updated its WKV states in place
+                held.copy_(fresh)
         return logits
 
     def analytic_state_bytes(self, batch: int, cache_len: int = 0) -> int:

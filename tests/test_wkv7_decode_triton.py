@@ -1,0 +1,154 @@
+"""The fused decode step (one Triton kernel per layer for the WKV update and the readout) against the unfused
+reference step: in fp64, token for token (CPU, under the Triton interpreter in a subprocess, since
+``TRITON_INTERPRET`` must be set before Triton is imported); in bf16 against the fp64 oracle and as a CUDA graph
+(GPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import REPO, rel_err
+from test_inference import decode_all, rwkv_model, tokens
+
+from harness.bench import decoding as inference
+from harness.bench.decoding import capture_graph
+from harness.errors import HarnessError
+from harness.model.decoding import BACKENDS, RWKVDecoder, WKVBackend, reference_wkv
+
+pytestmark = pytest.mark.filterwarnings("ignore:According to Bo")
+
+
+def key_major(wkv):
+    """``wkv`` holding its state in FLA's key-major layout, as the fla backend does."""
+    def run(r, w, k, v, kk, a, state):
+        y, final = wkv(r, w, k, v, kk, a, None if state is None else state.transpose(-1, -2))
+        return y, final.transpose(-1, -2).contiguous()
+    return run
+
+
+KEY_MAJOR_REFERENCE = WKVBackend("reference_key_major", key_major(reference_wkv), key_major(reference_wkv),
+                                 key_major=True)
+
+
+@torch.no_grad()
+def fused_against_unfused(dtype: torch.dtype, layout: str) -> dict[str, float | bool]:
+    """Decode 8 tokens after a 5-token prompt with the fused and the unfused step of one model."""
+    backend = BACKENDS["reference"] if layout == "value_major" else KEY_MAJOR_REFERENCE
+    model = rwkv_model(n_layer=3, n_embd=64, head_size=16).to(dtype)
+    idx = tokens(2, 13, 97)
+    unfused, unfused_state = decode_all(RWKVDecoder(model, backend), idx, prompt=5)
+    fused_decoder = RWKVDecoder(model, backend, fused_step=True)
+    fused, fused_state = decode_all(fused_decoder, idx, prompt=5)
+    parallel = model(idx)[:, 4:]
+    pairs = zip(fused_state.tensors(), unfused_state.tensors(), strict=True)
+    return {"logits": rel_err(fused, unfused), "state": max(rel_err(f, u) for f, u in pairs),
+            "vs_parallel": rel_err(fused, parallel),
+            "greedy_identical": bool(torch.equal(fused.argmax(-1), parallel.argmax(-1))),
+            "impl": fused_decoder.impl, "state_dtype": str(fused_state.wkv[0].dtype)}
+
+
+def interpreted(dtype: str, layout: str) -> dict:
+    code = (f"import json, torch, test_wkv7_decode_triton as t; "
+            f"print(json.dumps(t.fused_against_unfused(torch.{dtype}, {layout!r})))")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{REPO}"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("layout", ["value_major", "key_major"])
+def test_the_fused_step_is_the_unfused_step_in_fp64(layout: str) -> None:
+    errors = interpreted("float64", layout)
+    assert errors["impl"] == "reference+fused" if layout == "value_major" else "reference_key_major+fused"
+    assert errors["state_dtype"] == "torch.float64"
+    assert errors["logits"] < 1e-12 and errors["state"] < 1e-12, errors
+    assert errors["vs_parallel"] < 1e-10 and errors["greedy_identical"], errors
+
+
+def test_the_fused_step_in_fp32_stays_at_fp32_rounding() -> None:
+    errors = interpreted("float32", "value_major")
+    assert errors["logits"] < 1e-5 and errors["state"] < 1e-5 and errors["greedy_identical"], errors
+
+
+@torch.no_grad()
+def test_on_a_cpu_without_the_interpreter_the_fused_step_is_one_line(monkeypatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = rwkv_model(n_layer=2, n_embd=64, head_size=16)
+    decoder = RWKVDecoder(model, BACKENDS["reference"], fused_step=True)
+    logits, state = decoder.prefill(tokens(1, 4, 97))
+    with pytest.raises(HarnessError, match="needs a CUDA GPU .* TRITON_INTERPRET=1"):
+        decoder.step(logits.argmax(-1, keepdim=True), state)
+
+
+def test_a_head_size_the_kernel_cannot_hold_is_one_line() -> None:
+    from impls.wkv7_decode_triton import wkv7_decode_step
+
+    state, x = torch.zeros(1, 2, 24, 24), torch.zeros(1, 48)
+    with pytest.raises(HarnessError, match="power-of-two head size"):
+        wkv7_decode_step(state, *[x] * 7, torch.zeros(2, 24), torch.nn.GroupNorm(2, 48))
+
+
+def test_the_decoding_bench_times_a_fused_twin_of_every_rwkv_impl(tmp_path) -> None:
+    from test_inference import TINY, read_rows
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "harness.bench", "inference", *TINY, "models=rwkv", "fused_step=1",
+                           "lengths=8", "batches=1", f"out={tmp_path}", f"figures={tmp_path}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_rows(tmp_path / "inference.csv")
+    assert sorted((row["impl"], row["status"]) for row in rows) == [("reference", "ok"), ("reference+fused", "ok")]
+    plain, fused = sorted(rows, key=lambda row: row["impl"])
+    assert fused["state_bytes_measured"] == plain["state_bytes_measured"]
+
+
+# --- GPU ----------------------------------------------------------------------------------------------------------
+
+
+def gpu_model(dtype: torch.dtype):
+    return rwkv_model(n_layer=3, n_embd=256, head_size=64, vocab=1000).to("cuda", dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["rwkv", "fla"])
+@torch.no_grad()
+def test_fused_bf16_steps_are_as_close_to_fp64_as_the_unfused_ones(backend: str) -> None:
+    idx = tokens(2, 80, 1000, "cuda")
+    want, _ = decode_all(RWKVDecoder(gpu_model(torch.float64), BACKENDS["reference"]), idx, 64)
+    fused, fused_state = decode_all(RWKVDecoder(gpu_model(torch.bfloat16), BACKENDS[backend], fused_step=True),
+                                    idx, 64)
+    unfused, _ = decode_all(RWKVDecoder(gpu_model(torch.bfloat16), BACKENDS[backend]), idx, 64)
+    fused_err, unfused_err = rel_err(fused, want), rel_err(unfused, want)
+    print(f"\n{backend}: bf16 logits vs fp64, fused {fused_err:.2e}, unfused {unfused_err:.2e}")
+    assert fused_err < max(2 * unfused_err, 1e-2)
+    assert fused_state.key_major == BACKENDS[backend].key_major
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_the_fused_step_replays_as_a_cuda_graph_like_its_eager_steps() -> None:
+    decoder = RWKVDecoder(gpu_model(torch.bfloat16), BACKENDS["rwkv"], fused_step=True)
+    idx = tokens(2, 64, 1000, "cuda")
+
+    def run(graph: bool) -> torch.Tensor:
+        logits, state = decoder.prefill(idx, 0)
+        token = logits.argmax(-1, keepdim=True)
+
+        def greedy() -> None:
+            token.copy_(decoder.step(token, state).argmax(-1, keepdim=True))
+
+        replay = capture_graph(greedy).replay if graph else greedy
+        for _ in range(0 if graph else inference.CAPTURE_WARMUP):
+            greedy()
+        for _ in range(6):
+            replay()
+        torch.cuda.synchronize()
+        return torch.cat([token, *[s.flatten(1) for s in state.wkv]], dim=1).float()
+
+    assert rel_err(run(graph=True), run(graph=False)) < 1e-6
