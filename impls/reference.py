@@ -131,28 +131,44 @@ class TimeMix(nn.Module):
 
         Returns ``(r, w, k, v, kk, a, g, v_first)``, all (B, T, C): ``w`` the raw decay logit, ``k`` the written
         key, ``v`` after the value residual, ``kk`` the normalised removal key and ``a`` the in-context rate
-        (the WKV takes ``-kk`` and ``kk * a``)."""
-        B, T, C = x.shape
-        H, N = self.n_head, self.head_size
-        xx = x_prev - x
-        xr = x + xx * self.x_r
-        xw = x + xx * self.x_w
-        xk = x + xx * self.x_k
-        xv = x + xx * self.x_v
-        xa = x + xx * self.x_a
-        xg = x + xx * self.x_g
+        (the WKV takes ``-kk`` and ``kk * a``). Three stages, which the fused decode step
+        (:mod:`impls.wkv7_decode_triton`) takes apart: the token-shift mixes, the matmuls, the element-wise gates."""
+        return self.gates(*self.projections(*self.token_mix(x, x_prev)), v_first)
 
+    def token_mix(self, x: torch.Tensor, x_prev: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The six token-shift interpolations ``x + (x_prev - x) * mix``: the inputs of r, w, k, v, a and g."""
+        xx = x_prev - x
+        return tuple(x + xx * mix for mix in self.token_mixes())
+
+    def token_mixes(self) -> tuple[nn.Parameter, ...]:
+        return self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g
+
+    def projections(self, xr: torch.Tensor, xw: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, xa: torch.Tensor,
+                    xg: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """The matmuls: ``(r, w_lora, k, v, v_lora, a_lora, g)``, the low-rank terms before their biases and
+        squashing; ``v_lora`` None in layer 0 (it has no value residual)."""
         r = self.receptance(xr)
-        w = self.w0 + torch.tanh(xw @ self.w1) @ self.w2
+        w_lora = torch.tanh(xw @ self.w1) @ self.w2
         k = self.key(xk)
         v = self.value(xv)
-        if self.layer_id == 0:
+        v_lora = None if self.layer_id == 0 else (xv @ self.v1) @ self.v2
+        a_lora = (xa @ self.a1) @ self.a2
+        g = torch.sigmoid(xg @ self.g1) @ self.g2
+        return r, w_lora, k, v, v_lora, a_lora, g
+
+    def gates(self, r: torch.Tensor, w_lora: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              v_lora: torch.Tensor | None, a_lora: torch.Tensor, g: torch.Tensor, v_first: torch.Tensor) -> tuple[
+            torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+            torch.Tensor]:
+        """The element-wise rest of :meth:`project`: decay logit, value residual, in-context rate, removal key."""
+        B, T, C = k.shape
+        H, N = self.n_head, self.head_size
+        w = self.w0 + w_lora
+        if v_lora is None:
             v_first = v
         else:
-            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
-        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
-        g = torch.sigmoid(xg @ self.g1) @ self.g2
-
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + v_lora)
+        a = torch.sigmoid(self.a0 + a_lora)
         kk = k * self.k_k
         kk = F.normalize(kk.view(B, T, H, N), dim=-1, p=2.0).view(B, T, C)
         k = k * (1 + (a - 1) * self.k_a)
@@ -189,9 +205,10 @@ class ChannelMix(nn.Module):
     def mix(self, x: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
         """The channel-mix of ``x`` (B, T, C) whose previous tokens are ``x_prev`` (see ``TimeMix.project``)."""
         xx = x_prev - x
-        k = x + xx * self.x_k
-        k = torch.relu(self.key(k)) ** 2
-        return self.value(k)
+        return self.mlp(x + xx * self.x_k)
+
+    def mlp(self, k: torch.Tensor) -> torch.Tensor:
+        return self.value(torch.relu(self.key(k)) ** 2)
 
 
 REFERENCE = Implementation(

@@ -1,5 +1,5 @@
-"""The fused decode step (one Triton kernel per layer for the WKV update and the readout) against the unfused
-reference step: in fp64, token for token (CPU, under the Triton interpreter in a subprocess, since
+"""The fused decode step (Triton kernels for the token shifts and for the time-mix from its matmuls to its output
+projection) against the unfused reference step: in fp64, token for token (CPU, under the Triton interpreter in a subprocess, since
 ``TRITON_INTERPRET`` must be set before Triton is imported); in bf16 against the fp64 oracle and as a CUDA graph
 (GPU)."""
 
@@ -17,8 +17,8 @@ from test_inference import decode_all, rwkv_model, tokens
 
 from harness.bench import decoding as inference
 from harness.bench.decoding import capture_graph
-from harness.errors import HarnessError
 from harness.model.decoding import BACKENDS, RWKVDecoder, WKVBackend, reference_wkv
+from impls.base import ImplementationError
 
 pytestmark = pytest.mark.filterwarnings("ignore:According to Bo")
 
@@ -82,16 +82,17 @@ def test_on_a_cpu_without_the_interpreter_the_fused_step_is_one_line(monkeypatch
     model = rwkv_model(n_layer=2, n_embd=64, head_size=16)
     decoder = RWKVDecoder(model, BACKENDS["reference"], fused_step=True)
     logits, state = decoder.prefill(tokens(1, 4, 97))
-    with pytest.raises(HarnessError, match="needs a CUDA GPU .* TRITON_INTERPRET=1"):
+    with pytest.raises(ImplementationError, match="needs a CUDA GPU .* TRITON_INTERPRET=1"):
         decoder.step(logits.argmax(-1, keepdim=True), state)
 
 
 def test_a_head_size_the_kernel_cannot_hold_is_one_line() -> None:
     from impls.wkv7_decode_triton import wkv7_decode_step
 
-    state, x = torch.zeros(1, 2, 24, 24), torch.zeros(1, 48)
-    with pytest.raises(HarnessError, match="power-of-two head size"):
-        wkv7_decode_step(state, *[x] * 7, torch.zeros(2, 24), torch.nn.GroupNorm(2, 48))
+    att = rwkv_model(n_layer=2, n_embd=96, head_size=48).blocks[1].att
+    x = torch.zeros(1, 96)
+    with pytest.raises(ImplementationError, match="power-of-two head size"):
+        wkv7_decode_step(att, torch.zeros(1, 2, 48, 48), (x,) * 7, x)
 
 
 def test_the_decoding_bench_times_a_fused_twin_of_every_rwkv_impl(tmp_path) -> None:

@@ -24,7 +24,7 @@ from harness.errors import HarnessError
 from harness.model.rwkv import RWKV
 from impls.reference import W_SCALE, log_decay, wkv7_reference
 from impls.triton_autotune import activate_for_fla
-from impls.wkv7_decode_triton import wkv7_decode_step
+from impls.wkv7_decode_triton import channel_mix_step, time_mix_step
 from impls.wkv7_cuda import CHUNK_LEN, load_extension
 
 # wkv(r, w, k, v, kk, a, state) -> (y, final_state): inputs (B, T, H, N) as TimeMix.project makes them (w the raw
@@ -121,31 +121,34 @@ def rwkv_with_state(model: RWKV, idx: torch.Tensor, state: RWKVState | None, wkv
                     fused_step: bool = False) -> tuple[torch.Tensor, RWKVState]:
     """Logits of the last position (B, V) of tokens ``idx`` (B, T) continuing from ``state`` (None: a fresh
     sequence), and the state after them: each block's own ``run`` around state-carrying time-mix and channel-mix.
-    With ``fused_step`` a single token continuing a state runs its WKV and readout as one Triton kernel
-    (:func:`impls.wkv7_decode_triton.wkv7_decode_step`), updating ``state.wkv`` in place."""
+    With ``fused_step`` a single token continuing a state runs through the fused decode kernels
+    (:mod:`impls.wkv7_decode_triton`), which update ``state`` in place."""
     att_x, ffn_x, wkv_states = [], [], []
+    fused = fused_step and state is not None and idx.shape[1] == 1
 
     def time_mix(att: nn.Module, i: int) -> Callable:
         def step(xa: torch.Tensor, v_first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if fused:
+                out, v_first = time_mix_step(att, xa[:, 0], state.att_x[i], state.wkv[i], v_first[:, 0], key_major)
+                att_x.append(state.att_x[i])
+                wkv_states.append(state.wkv[i])
+                return out.unsqueeze(1), v_first.unsqueeze(1)
             r, w, k, v, kk, a, g, v_first = att.project(
                 xa, _previous(att, xa, None if state is None else state.att_x[i]), v_first)
             B, T, C = r.shape
-            att_x.append(xa[:, -1].clone())
-            if fused_step and state is not None and T == 1:
-                held = state.wkv[i]
-                mixed = wkv7_decode_step(held, *(t[:, 0] for t in (r, w, k, v, kk, a, g)), att.r_k, att.ln_x,
-                                         key_major)
-                wkv_states.append(held)
-                return att.output(mixed.unsqueeze(1)), v_first
             heads = (B, T, att.n_head, att.head_size)
             y, wkv_state = wkv(*(t.view(heads) for t in (r, w, k, v, kk, a)),
                                None if state is None else state.wkv[i])
+            att_x.append(xa[:, -1].clone())
             wkv_states.append(wkv_state)
             return att.readout(y.reshape(B, T, C), r, k, v, g), v_first
         return step
 
     def channel_mix(ffn: nn.Module, i: int) -> Callable:
         def step(xf: torch.Tensor) -> torch.Tensor:
+            if fused:
+                ffn_x.append(state.ffn_x[i])
+                return channel_mix_step(ffn, xf[:, 0], state.ffn_x[i]).unsqueeze(1)
             ffn_x.append(xf[:, -1].clone())
             return ffn.mix(xf, _previous(ffn, xf, None if state is None else state.ffn_x[i]))
         return step
@@ -179,8 +182,8 @@ class Decoder(Protocol):
 
 
 class RWKVDecoder:
-    """RWKV-7 decoding on one WKV backend; ``fused_step`` runs each layer's decode-step WKV and readout as one Triton
-    kernel (impl ``<backend>+fused``; the prefill stays the backend's)."""
+    """RWKV-7 decoding on one WKV backend; ``fused_step`` runs each decode step through the fused Triton kernels
+    (:mod:`impls.wkv7_decode_triton`, impl ``<backend>+fused``; the prefill stays the backend's)."""
 
     model_name = "rwkv"
 
@@ -197,7 +200,7 @@ class RWKVDecoder:
         logits, new = rwkv_with_state(self.module, idx, state, self.backend.step, self.backend.key_major,
                                       self.fused_step)
         for held, fresh in zip(state.tensors(), new.tensors(), strict=True):
-            if fresh is not held:  # the fused step updated its WKV states in place
+            if fresh is not held:  # the fused step updated its state in place
                 held.copy_(fresh)
         return logits
 

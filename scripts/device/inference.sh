@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the device (run tool, kind nvidia-h200, carry [".whl", ".device"]): the decoding benchmark (issue 8) and its GPU tests
 # in one call that ends inside TOTAL_S (default 480 s, installs included):
-#   RWKV_GIT_COMMIT=<sha> RWKV_GIT_DIRTY=0 [EXTRA="compile=1"] bash scripts/device/inference.sh [bench] [tests]
+#   RWKV_GIT_COMMIT=<sha> RWKV_GIT_DIRTY=0 [EXTRA="compile=1 fused_step=1"] bash scripts/device/inference.sh [bench] [tests]
 # (default: both parts; EXTRA holds further key=value overrides of the bench).
 # Grid: L12-D768, vocab 65536, bf16; RWKV-7 with impl rwkv (CUDA-kernel prefill, reference single-step decode) and
 # fla (chunk prefill, fused recurrent decode), the parameter-matched Transformer (SDPA, KV cache) and LSTM; batch 1
@@ -30,7 +30,7 @@ parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(bench tests)
       bench) timeout "$(within "$TESTS_S")" python3 -m harness.bench inference time_budget_s="$BENCH_BUDGET_S" resume=true ${EXTRA:-} \
                out="$OUT" figures="$OUT" \
                || python3 -m harness.bench inference --plot-only out="$OUT" figures="$OUT" ;;  # partial CSV
-      tests) timeout "$(within 5)" python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_inference.py ;;
+      tests) timeout "$(within 5)" python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_inference.py tests/test_wkv7_decode_triton.py ;;
       *)     echo "unknown part '$part' (bench, tests)" ;;
     esac
     echo "=== $part exit $? after $(( $(date +%s) - start )) s"
