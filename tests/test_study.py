@@ -9,7 +9,7 @@ import pytest
 
 from harness.report.stats import mean_ci95
 from harness.report.study import STUDY_EXPERIMENT, cause_table, speed_layers, verdict
-from harness.report.summary import throughput_table
+from harness.report.summary import throughput_table, timed_speed_steps
 from harness.training.accel import Accel
 from harness.training.plan import default_run_id
 
@@ -75,6 +75,9 @@ def test_runs_sharing_a_gpu_give_loss_but_no_speed(tmp_path) -> None:
     throughput = throughput_table(steps).set_index(["impl", "grouping"])
     assert throughput.loc[("fla", "by_role"), "runs"] == 1  # seeds 1 and 2 shared their GPU
     assert ("fla", "by_name") not in throughput.index
+    plotted = timed_speed_steps(steps)
+    assert not plotted["loss_only"].any() and set(plotted["arm"]) == {"rwkv_jit / shared / bsz 48",
+                                                                      "fla / shared / bsz 48"}
     layers = speed_layers(tmp_path, throughput_table(steps), None).set_index("layer")
     ratio = layers.filter(like="DeepSpeed", axis=0)["fla_vs_rwkv_jit"].item()
     assert ratio == pytest.approx(0.2 / 0.25)

@@ -264,18 +264,28 @@ def plot_loss(steps: pd.DataFrame, path: Path, title: str, window: int = 25) -> 
     plt.close(fig)
 
 
-def plot_throughput(steps: pd.DataFrame, path: Path, title: str) -> None:
+def timed_speed_steps(steps: pd.DataFrame) -> pd.DataFrame:
+    """The steps whose speed counts (after warm-up, in runs that had their GPU to themselves), labelled by arm."""
+    timed = steps[(steps["warmup"] == 0) & ~shares_gpu(steps)].copy()
+    timed["arm"] = timed.apply(_arm_label, axis=1) if len(timed) else pd.Series(dtype=str)
+    return timed
+
+
+def plot_throughput(steps: pd.DataFrame, path: Path, title: str) -> bool:
+    """The per-step speed of each arm as box plots; False (nothing drawn) when no run had its GPU to itself."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    timed = steps[steps["warmup"] == 0].copy()
-    timed["arm"] = timed.apply(_arm_label, axis=1)
+    timed = timed_speed_steps(steps)
+    if timed.empty:
+        return False
     fig, ax = plt.subplots(figsize=(8, 0.6 + 0.5 * timed["arm"].nunique()))
     sns.boxplot(data=timed, x="kt_per_s", y="arm", ax=ax, whis=1.5, fliersize=2, order=sorted(timed["arm"].unique()))
     ax.set(title=f"{title} (warm-up excluded; whiskers at 1.5 x IQR)", xlabel="kilo-tokens / s", ylabel="")
     ax.grid(alpha=0.3, axis="x")
     save_figure(fig, path)
     plt.close(fig)
+    return True
 
 
 def plot_loss_gap(steps: pd.DataFrame, path: Path, baseline: str, window: int = 25) -> bool:
@@ -512,8 +522,9 @@ def build_report(results_dir: Path, figures_dir: Path, experiments: list[str] | 
         out = figures_dir / str(experiment)
         out.mkdir(parents=True, exist_ok=True)
         plot_loss(runs, out / "loss.png", title=f"Training loss: {experiment}")
-        plot_throughput(runs, out / "throughput.png", title=f"Per-step throughput: {experiment}")
-        written += [out / "loss.png", out / "throughput.png"]
+        written.append(out / "loss.png")
+        if plot_throughput(runs, out / "throughput.png", title=f"Per-step throughput: {experiment}"):
+            written.append(out / "throughput.png")
         if plot_loss_gap(runs, out / "loss_gap.png", baseline):
             written.append(out / "loss_gap.png")
     bench = bench_table(results_dir)
