@@ -2,6 +2,7 @@
 
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 from helpers import REPO, assert_process_user_error, run_module
 
 from harness.data.binidx import write_binidx
+from harness.errors import HarnessError
 
 # A very small model so that the subprocess tests stay fast on 2 cores.
 SMALL = ["impl=reference", "model=tiny", "model.n_embd=64", "model.head_size=32", "model.ctx_len=32", "bsz=2"]
@@ -60,8 +62,9 @@ def test_main_job_tiny_reference_run_learns(tmp_path):
 
 @pytest.mark.parametrize("args, fragment", [
     (["impl=nonexistent"], "unknown impl 'nonexistent'"),
-    (["bsz=0"], "bsz must be a positive integer"),
-    (["bsz=-3"], "bsz must be a positive integer"),
+    (["bsz=0"], "bsz must be positive, got 0"),
+    (["trainer.devices=0"], "trainer.devices must be positive, got 0"),
+    (["optim.grouping=bogus"], "optim.grouping must be one of by_role, by_name, got 'bogus'"),
     (["data.path=/nonexistent/corpus"], "/nonexistent/corpus"),
     (["data=minipile", "data.path=/nonexistent/minipile"], "BlinkDL/minipile-tokenized"),
     (["trainer=cpu", "trainer.sync_debug_steps=2"], "needs trainer.accelerator=gpu"),
@@ -72,6 +75,28 @@ def test_main_job_tiny_reference_run_learns(tmp_path):
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, fragment):
     results = tmp_path / "results"
     assert_one_line_error(run_harness([*SMALL, *args], results, timeout=120), fragment, results)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("bsz=-3", "bsz must be positive, got -3"),
+    ("trainer.num_nodes=0", "trainer.num_nodes must be positive"),
+    ("optim.lr_init=0", "optim.lr_init must be positive"),
+    ("optim.eps=-1e-8", "optim.eps must be positive"),
+    ("optim.lr_final=-1e-5", "optim.lr_final must be zero or more"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay must be zero or more"),
+    ("optim.grad_clip=-1", "optim.grad_clip must be zero or more"),
+    ("trainer.ckpt_every=-1", "trainer.ckpt_every must be zero or more"),
+    ("trainer.num_workers=-2", "trainer.num_workers must be zero or more"),
+    ("optim.betas=[0.9]", "optim.betas must be two numbers in [0, 1), got [0.9]"),
+    ("optim.betas=[0.9,1.0]", "optim.betas must be two numbers in [0, 1)"),
+    ("optim.exit_tokens=0", "optim.exit_tokens must be positive or null"),
+])
+def test_values_out_of_range_are_one_line(override, message):
+    from harness.config import compose_config
+    from harness.training.plan import check_values
+
+    with pytest.raises(HarnessError, match=re.escape(message)):
+        check_values(compose_config("config", [override]))
 
 
 def test_corrupt_index_is_one_line(tmp_path):

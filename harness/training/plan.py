@@ -10,6 +10,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass
+from typing import get_args
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from harness.errors import HarnessError
 from harness.model.rwkv import ModelConfig
 from harness.results import RunDir, file_sha256
 from harness.training.accel import Accel
+from harness.training.optim import Grouping
 from harness.training.memory import available_memory, check_fits, estimate_training_memory
 from impls.base import Implementation
 
@@ -75,17 +77,37 @@ def check_pinned_data(bin_path: Path, data_cfg: DictConfig) -> str:
     if pinned and digest != pinned:
         raise HarnessError(f"{bin_path} has sha256 {digest[:12]}..., not the {pinned[:12]}... that "
                            f"conf/data/{data_cfg.name}.yaml pins, so its runs would not compare with those already "
-                           f"made; rebuild the pinned one ({data_cfg.get('hint', 'see the data config')}), or "
-                           f"pass data.sha256=null to train on this file anyway")
+                           f"made; {data_cfg.get('hint', 'rebuild the pinned one')}, or pass data.sha256=null to "
+                           f"train on this file anyway")
     return digest
+
+
+POSITIVE = ("bsz", "trainer.max_steps", "trainer.devices", "trainer.num_nodes", "optim.lr_init", "optim.eps")
+NOT_NEGATIVE = ("optim.lr_final", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip",
+                "trainer.ckpt_every", "trainer.timing_warmup_steps", "trainer.num_workers", "trainer.progress_every",
+                "trainer.profile_steps", "trainer.sync_debug_steps", "trainer.gc_every")
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Numbers out of their range and choices outside theirs, each one line (the types are checked before, with the
+    overrides)."""
+    for key, positive in [(key, True) for key in POSITIVE] + [(key, False) for key in NOT_NEGATIVE]:
+        value = OmegaConf.select(cfg, key)
+        if value < 0 or (positive and value == 0):
+            raise HarnessError(f"{key} must be {'positive' if positive else 'zero or more'}, got {value}")
+    if cfg.optim.grouping not in get_args(Grouping):
+        raise HarnessError(f"optim.grouping must be one of {', '.join(get_args(Grouping))}, got "
+                           f"{cfg.optim.grouping!r}")
+    betas = list(cfg.optim.betas)
+    if len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
+        raise HarnessError(f"optim.betas must be two numbers in [0, 1), got {betas}")
+    if cfg.optim.exit_tokens is not None and cfg.optim.exit_tokens <= 0:
+        raise HarnessError(f"optim.exit_tokens must be positive or null, got {cfg.optim.exit_tokens}")
 
 
 def plan_run(cfg: DictConfig) -> Plan:
     """Validate the config and the environment; raise a one-line HarnessError for anything wrong."""
-    if not isinstance(cfg.bsz, int) or cfg.bsz <= 0:
-        raise HarnessError(f"bsz must be a positive integer, got {cfg.bsz!r}")
-    if cfg.trainer.max_steps <= 0:
-        raise HarnessError(f"trainer.max_steps must be positive, got {cfg.trainer.max_steps}")
+    check_values(cfg)
     impl = resolve_impl(cfg.impl)
     accelerator = _accelerator(cfg.trainer.accelerator)
     if int(cfg.trainer.sync_debug_steps) > 0 and accelerator != "gpu":
