@@ -67,6 +67,14 @@ def test_cuda_graph_needs_a_gpu(capsys: pytest.CaptureFixture) -> None:
                                capsys)
 
 
+@pytest.mark.parametrize("command", ["step", "kernels", "inference", "parity"])
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "cpu:0"])
+def test_a_device_no_benchmark_runs_on_is_one_line(command: str, device: str,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    assert_one_line_user_error(lambda: main([command, f"device={device}"]),
+                               f"device={device} is not a device the benchmarks run on", capsys)
+
+
 def test_kernel_report_sums_time_by_kind_of_work() -> None:
     kernels = [("void (anonymous namespace)::wkv7_backward_kernel<64>(...)", 12, 3000.0),
                ("sm90_xmma_gemm_bf16bf16_bf16f32", 300, 6000.0),

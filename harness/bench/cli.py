@@ -6,6 +6,7 @@ checked before anything runs (:mod:`harness.config`), and lists also take ``T=25
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import TypeVar
 
@@ -71,9 +72,18 @@ def bench_config(name: str, overrides: list[str], cls: type[Config]) -> Config:
     """``conf/bench/<name>.yaml`` with the checked overrides, as the benchmark's config dataclass ``cls``; one line
     for a model shape that could not be built."""
     cfg = dataclass_from(cls, compose_config(name, overrides, conf_dir=BENCH_CONF_DIR))
+    check_device(cfg.device)
     if name in MODEL_SIZES:
         check_model_shape(cfg, MODEL_SIZES[name])
     return cfg
+
+
+DEVICE = re.compile(r"(cpu|cuda(:\d+)?)?")  # empty: the benchmark's own choice (parity: a GPU if there is one)
+
+
+def check_device(device: str) -> None:
+    if not DEVICE.fullmatch(device):
+        raise HarnessError(f"device={device} is not a device the benchmarks run on; use cpu, cuda or cuda:N")
 
 
 def check_model_shape(cfg: step.StepConfig | parity.ParityConfig | decoding.InferenceConfig,
