@@ -21,6 +21,10 @@ LOCK_NAME = "run.lock"
 HOLDER_WRITE_WAIT_S = 5.0  # how long a second process waits for the lock's holder to name itself
 
 
+class RunInUse(HarnessError):
+    """Another process holds the lock; the message names it."""
+
+
 class RunLock:
     """The lock of ``run_dir``, held from :meth:`acquire` to :meth:`release` (or the end of the process)."""
 
@@ -38,14 +42,13 @@ class RunLock:
         it."""
         self._created_dir = not self.run_dir.exists()
         while True:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _wait_for_holder(fd)
                 os.close(fd)
-                raise HarnessError(f"{self.run_dir} is in use by {holder}; wait for that run to end, or stop it "
+                raise RunInUse(f"{self.run_dir} is in use by {holder}; wait for that run to end, or stop it "
                                    f"(Ctrl-C checkpoints it), or choose another run_id=") from None
             except OSError as exc:  # a file system without locks (some network mounts)
                 os.close(fd)
@@ -56,6 +59,13 @@ class RunLock:
             os.close(fd)  # the directory was moved or removed between our open and our lock: lock what is there now
         _write_holder(fd)
         self._fd = fd
+
+    def _open(self) -> int:
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise HarnessError(f"cannot create {self.path}: {exc.strerror}; choose a writable place for it") from None
 
     def move_run_aside(self, destination: Path) -> None:
         """Rename the locked run directory to ``destination`` (one atomic rename; the lock moves with it) and lock a

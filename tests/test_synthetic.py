@@ -185,5 +185,11 @@ def test_bad_input_is_one_error_line(words, message, capsys, tmp_path):
     assert not (tmp_path / "epochs.csv").exists()
 
 
+def test_an_out_folder_that_cannot_be_made_is_one_error_line(capsys, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    assert_one_line_user_error(lambda: main(["epochs=1", f"out={tmp_path / 'a_file' / 'out'}"]),
+                               "a_file/out/runs/run.lock: Not a directory; choose a writable place", capsys)
+
+
 def test_the_module_entry_point_reports_a_bad_value_in_one_line():
     assert_process_user_error(run_module("harness.synthetic", "lr=fast"), "lr expects a number")

@@ -46,7 +46,7 @@ from harness.config import CONF_DIR, compose_config, dataclass_from
 from harness.env import environment
 from harness.errors import HarnessError
 from harness.results import write_json_atomic
-from harness.run_lock import RunLock
+from harness.run_lock import RunInUse, RunLock
 from harness.synthetic import models as zoo
 from harness.synthetic import task
 
@@ -315,7 +315,7 @@ def run(cfg: SyntheticConfig) -> list[dict[str, object]]:
     lock = RunLock(out / "runs")
     try:
         lock.acquire()
-    except HarnessError as exc:
+    except RunInUse as exc:
         raise HarnessError(f"{str(exc).split(';')[0]}; wait for it to end or write elsewhere (out=...)") from None
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
