@@ -153,3 +153,43 @@ def test_the_fused_step_replays_as_a_cuda_graph_like_its_eager_steps() -> None:
         return torch.cat([token, *[s.flatten(1) for s in state.wkv]], dim=1).float()
 
     assert rel_err(run(graph=True), run(graph=False)) < 1e-6
+
+
+# --- compiled for the GPU without one ------------------------------------------------------------------------------
+
+
+def hopper_compile(kernel, constants: dict[str, object], pointer_types: dict[str, str]) -> str:
+    """PTX of ``kernel`` for sm_90 (Triton compiles ahead of time without a GPU)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = kernel.arg_names
+    signature = {name: "constexpr" if name in constants else pointer_types.get(name, "i32") for name in names}
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(names.index(name),): value for name, value in constants.items()})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+
+
+@pytest.mark.parametrize("fp64", [False, True])
+@pytest.mark.parametrize("value_residual", [False, True])
+@pytest.mark.parametrize("head_size", [16, 64, 128])
+def test_the_decode_step_kernel_compiles_for_hopper(fp64: bool, value_residual: bool, head_size: int) -> None:
+    from impls import wkv7_decode_triton as fused
+
+    data = "*fp64" if fp64 else "*bf16"
+    pointers = {name: data for name in fused._decode_step_kernel.arg_names} | {
+        "S": "*fp64" if fp64 else "*fp32", "eps": "fp32"} | {f"stride_{axis}": "i32" for axis in "bhij"}
+    constants = {"H": 12, "N": head_size, "W_LOG": fused.W_SCALE, "NORM_EPS": fused.NORMALIZE_EPS,
+                 "VALUE_RESIDUAL": value_residual, "FP64": fp64}
+    assert ".entry _decode_step_kernel" in hopper_compile(fused._decode_step_kernel, constants, pointers)
+
+
+@pytest.mark.parametrize("mixes", [1, 6])
+def test_the_token_shift_kernel_compiles_for_hopper(mixes: int) -> None:
+    from impls import wkv7_decode_triton as fused
+
+    names = fused._token_shift_mix_kernel.arg_names
+    pointers = {name: "*bf16" for name in names if name not in ("numel", "C")}
+    constants = {"MIXES": mixes, "BLOCK": fused.SHIFT_BLOCK, "FP64": False}
+    assert ".entry _token_shift_mix_kernel" in hopper_compile(fused._token_shift_mix_kernel, constants, pointers)
