@@ -133,6 +133,16 @@ def test_fused_bf16_steps_are_as_close_to_fp64_as_the_unfused_ones(backend: str)
 
 @pytest.mark.gpu
 @torch.no_grad()
+def test_fused_fp32_steps_decode_greedily_as_the_parallel_forward() -> None:
+    model = gpu_model(torch.float32)
+    idx = tokens(2, 80, 1000, "cuda")
+    fused, _ = decode_all(RWKVDecoder(model, BACKENDS["reference"], fused_step=True), idx, 64)
+    parallel = model(idx)[:, 63:]
+    assert rel_err(fused, parallel) < 1e-4 and torch.equal(fused.argmax(-1), parallel.argmax(-1))
+
+
+@pytest.mark.gpu
+@torch.no_grad()
 def test_the_fused_step_replays_as_a_cuda_graph_like_its_eager_steps() -> None:
     decoder = RWKVDecoder(gpu_model(torch.bfloat16), BACKENDS["rwkv"], fused_step=True)
     idx = tokens(2, 64, 1000, "cuda")
