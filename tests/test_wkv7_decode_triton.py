@@ -17,7 +17,7 @@ from test_inference import decode_all, rwkv_model, tokens
 
 from harness.bench import decoding as inference
 from harness.bench.decoding import capture_graph
-from harness.model.decoding import BACKENDS, RWKVDecoder, WKVBackend, reference_wkv
+from harness.model.decoding import BACKENDS, CompiledDecoder, RWKVDecoder, WKVBackend, reference_wkv
 from impls.base import ImplementationError
 
 pytestmark = pytest.mark.filterwarnings("ignore:According to Bo")
@@ -52,9 +52,20 @@ def fused_against_unfused(dtype: torch.dtype, layout: str) -> dict[str, float | 
             "impl": fused_decoder.impl, "state_dtype": str(fused_state.wkv[0].dtype)}
 
 
-def interpreted(dtype: str, layout: str) -> dict:
-    code = (f"import json, torch, test_wkv7_decode_triton as t; "
-            f"print(json.dumps(t.fused_against_unfused(torch.{dtype}, {layout!r})))")
+@torch.no_grad()
+def compiled_against_eager(layout: str) -> dict[str, float]:
+    """The fused step through torch.compile (its kernels as opaque ops that mutate the state) against the eager one."""
+    backend = BACKENDS["reference"] if layout == "value_major" else KEY_MAJOR_REFERENCE
+    model = rwkv_model(n_layer=2, n_embd=64, head_size=16)
+    idx = tokens(2, 10, 97)
+    eager, eager_state = decode_all(RWKVDecoder(model, backend, fused_step=True), idx, prompt=5)
+    compiled, compiled_state = decode_all(CompiledDecoder(RWKVDecoder(model, backend, fused_step=True)), idx, 5)
+    pairs = zip(compiled_state.tensors(), eager_state.tensors(), strict=True)
+    return {"logits": rel_err(compiled, eager), "state": max(rel_err(c, e) for c, e in pairs)}
+
+
+def interpreted(check: str, *args: str) -> dict:
+    code = f"import json, torch, test_wkv7_decode_triton as t; print(json.dumps(t.{check}({', '.join(args)})))"
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{REPO}"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
@@ -64,7 +75,7 @@ def interpreted(dtype: str, layout: str) -> dict:
 
 @pytest.mark.parametrize("layout", ["value_major", "key_major"])
 def test_the_fused_step_is_the_unfused_step_in_fp64(layout: str) -> None:
-    errors = interpreted("float64", layout)
+    errors = interpreted("fused_against_unfused", "torch.float64", repr(layout))
     assert errors["impl"] == "reference+fused" if layout == "value_major" else "reference_key_major+fused"
     assert errors["state_dtype"] == "torch.float64"
     assert errors["logits"] < 1e-12 and errors["state"] < 1e-12, errors
@@ -72,8 +83,14 @@ def test_the_fused_step_is_the_unfused_step_in_fp64(layout: str) -> None:
 
 
 def test_the_fused_step_in_fp32_stays_at_fp32_rounding() -> None:
-    errors = interpreted("float32", "value_major")
+    errors = interpreted("fused_against_unfused", "torch.float32", "'value_major'")
     assert errors["logits"] < 1e-5 and errors["state"] < 1e-5 and errors["greedy_identical"], errors
+
+
+@pytest.mark.parametrize("layout", ["value_major", "key_major"])
+def test_the_compiled_fused_step_is_the_eager_fused_step(layout: str) -> None:
+    errors = interpreted("compiled_against_eager", repr(layout))
+    assert errors["logits"] < 1e-5 and errors["state"] < 1e-5, errors
 
 
 @torch.no_grad()
