@@ -9,9 +9,9 @@ documentation sources (reST/Markdown/plain text, mostly Sphinx ``_sources``) bec
 order, each ending with token 0 (end of document). Package names are Debian 12 "bookworm" ones.
 Writes ``OUT.bin``/``OUT.idx`` and ``OUT.manifest.json`` (package versions, .deb and output sha256, licences named
 in each package's copyright file, token counts). The result must have the sha256 that ``conf/data/corpus.yaml`` pins
-(every run in results/ trained on it), and it never replaces a different corpus; ``--unpinned`` takes the archive's
-current versions instead and builds a different corpus, written only where none or an identical one exists. Needs apt-get,
-dpkg-deb and the tokenizer extra.
+(every run in results/ trained on it), and it never replaces a different corpus; ``--unpinned`` takes the
+archive's current versions instead and builds a different corpus, written only where none or an identical one
+exists. Needs apt-get, dpkg-deb and the tokenizer extra.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ import random
 import shutil
 import signal
 import subprocess
-import threading
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path

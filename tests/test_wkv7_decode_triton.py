@@ -1,7 +1,7 @@
 """The fused decode step (Triton kernels for the token shifts and for the time-mix from its matmuls to its output
-projection) against the unfused reference step: in fp64, token for token (CPU, under the Triton interpreter in a subprocess, since
-``TRITON_INTERPRET`` must be set before Triton is imported); in bf16 against the fp64 oracle and as a CUDA graph
-(GPU)."""
+projection) against the unfused reference step: in fp64, token for token (CPU, under the Triton interpreter in a
+subprocess, since ``TRITON_INTERPRET`` must be set before Triton is imported), compiled ahead of time for sm_90; in
+bf16 against the fp64 oracle and as a CUDA graph (GPU)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from test_inference import decode_all, rwkv_model, tokens
 
 from harness.bench import decoding as inference
 from harness.bench.decoding import capture_graph
+from harness.errors import HarnessError
 from harness.model.decoding import BACKENDS, CompiledDecoder, RWKVDecoder, WKVBackend, reference_wkv
 from impls.base import ImplementationError
 
@@ -101,6 +102,21 @@ def test_on_a_cpu_without_the_interpreter_the_fused_step_is_one_line(monkeypatch
     logits, state = decoder.prefill(tokens(1, 4, 97))
     with pytest.raises(ImplementationError, match="needs a CUDA GPU .* TRITON_INTERPRET=1"):
         decoder.step(logits.argmax(-1, keepdim=True), state)
+
+
+def test_without_triton_the_fused_step_is_one_line(monkeypatch) -> None:
+    import impls
+    from harness.model import decoding
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # what an install without the fla extra has
+    monkeypatch.delitem(sys.modules, "impls.wkv7_decode_triton", raising=False)
+    monkeypatch.delattr(impls, "wkv7_decode_triton", raising=False)
+    decoding.fused_kernels.cache_clear()
+    try:
+        with pytest.raises(HarnessError, match=r"needs Triton \(triton is not installed\)"):
+            RWKVDecoder(rwkv_model(n_layer=2, n_embd=64, head_size=16), BACKENDS["reference"], fused_step=True)
+    finally:
+        decoding.fused_kernels.cache_clear()
 
 
 def test_a_head_size_the_kernel_cannot_hold_is_one_line() -> None:

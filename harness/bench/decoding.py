@@ -81,11 +81,10 @@ from harness.bench.grid import (
 from harness.env import environment
 from harness.errors import HarnessError
 from harness.model.baselines import LSTMLM, CausalTransformer, matched_lstm_layers, matched_mlp_width
-from harness.model.decoding import BACKENDS, CompiledDecoder, Decoder, RWKVDecoder
+from harness.model.decoding import BACKENDS, CompiledDecoder, Decoder, RWKVDecoder, fused_kernels
 from harness.model.rwkv import RWKV, ModelConfig, count_parameters
 from harness.numerics import synchronize
 from impls.wkv7_cuda import CHUNK_LEN
-from impls.wkv7_decode_triton import check_runnable as check_fused_step_runnable
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 MODELS = ("rwkv", "transformer", "lstm")
@@ -233,7 +232,7 @@ def validate(cfg: InferenceConfig) -> None:
     if cuda and not torch.cuda.is_available():
         raise HarnessError("device=cuda but no CUDA GPU is visible; use device=cpu for a smoke run")
     if cfg.fused_step and "rwkv" in cfg.models:
-        check_fused_step_runnable(torch.device(cfg.device))
+        fused_kernels().check_runnable(torch.device(cfg.device))
     for name in cfg.impls if "rwkv" in cfg.models else ():
         backend = BACKENDS[name]
         if backend.needs_cuda and not cuda:
@@ -257,8 +256,8 @@ def build_decoders(cfg: InferenceConfig) -> list[Decoder]:
     for name in cfg.models:
         if name == "rwkv":
             rwkv = rwkv.to(device=device, dtype=dtype)
-            decoders += [RWKVDecoder(rwkv, BACKENDS[impl], fused) for fused in ((False, True) if cfg.fused_step else (False,))
-                         for impl in cfg.impls]
+            fused_twins = (False, True) if cfg.fused_step else (False,)
+            decoders += [RWKVDecoder(rwkv, BACKENDS[impl], fused) for fused in fused_twins for impl in cfg.impls]
         elif name == "transformer":
             width = matched_mlp_width(target, cfg.vocab, cfg.n_layer, cfg.n_embd)
             decoders.append(CausalTransformer(cfg.vocab, cfg.n_layer, cfg.n_embd, cfg.head_size, width)

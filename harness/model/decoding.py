@@ -24,7 +24,6 @@ from harness.errors import HarnessError
 from harness.model.rwkv import RWKV
 from impls.reference import W_SCALE, log_decay, wkv7_reference
 from impls.triton_autotune import activate_for_fla
-from impls.wkv7_decode_triton import channel_mix_step, time_mix_step
 from impls.wkv7_cuda import CHUNK_LEN, load_extension
 
 # wkv(r, w, k, v, kk, a, state) -> (y, final_state): inputs (B, T, H, N) as TimeMix.project makes them (w the raw
@@ -74,6 +73,17 @@ def fla_recurrent_wkv(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torc
     """FLA ``fused_mul_recurrent_rwkv7`` (its T=1 decode branch when decoding); state [B, H, K, V]."""
     return _fla_rwkv7().fused_mul_recurrent_rwkv7(r, log_decay(w), k, v, kk, a, scale=1.0, initial_state=state,
                                                   output_final_state=True)
+
+
+@functools.cache
+def fused_kernels():
+    """:mod:`impls.wkv7_decode_triton`, imported on first use: only the fused decode step needs Triton."""
+    try:
+        from impls import wkv7_decode_triton
+    except ModuleNotFoundError as exc:
+        raise HarnessError(f"the fused decode step needs Triton ({exc.name} is not installed): "
+                           f"pip install 'rwkv7-harness[fla]'") from None
+    return wkv7_decode_triton
 
 
 @dataclass(frozen=True)
@@ -129,7 +139,8 @@ def rwkv_with_state(model: RWKV, idx: torch.Tensor, state: RWKVState | None, wkv
     def time_mix(att: nn.Module, i: int) -> Callable:
         def step(xa: torch.Tensor, v_first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             if fused:
-                out, v_first = time_mix_step(att, xa[:, 0], state.att_x[i], state.wkv[i], v_first[:, 0], key_major)
+                out, v_first = fused_kernels().time_mix_step(att, xa[:, 0], state.att_x[i], state.wkv[i],
+                                                             v_first[:, 0], key_major)
                 att_x.append(state.att_x[i])
                 wkv_states.append(state.wkv[i])
                 return out.unsqueeze(1), v_first.unsqueeze(1)
@@ -148,7 +159,7 @@ def rwkv_with_state(model: RWKV, idx: torch.Tensor, state: RWKVState | None, wkv
         def step(xf: torch.Tensor) -> torch.Tensor:
             if fused:
                 ffn_x.append(state.ffn_x[i])
-                return channel_mix_step(ffn, xf[:, 0], state.ffn_x[i]).unsqueeze(1)
+                return fused_kernels().channel_mix_step(ffn, xf[:, 0], state.ffn_x[i]).unsqueeze(1)
             ffn_x.append(xf[:, -1].clone())
             return ffn.mix(xf, _previous(ffn, xf, None if state is None else state.ffn_x[i]))
         return step
@@ -188,6 +199,8 @@ class RWKVDecoder:
     model_name = "rwkv"
 
     def __init__(self, model: RWKV, backend: WKVBackend, fused_step: bool = False):
+        if fused_step:
+            fused_kernels()  # a missing Triton is one line here, not in the first step
         self.module, self.backend, self.fused_step = model, backend, fused_step
         self.impl = f"{backend.name}+fused" if fused_step else backend.name
 

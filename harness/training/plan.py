@@ -10,8 +10,8 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass
-from typing import get_args
 from pathlib import Path
+from typing import get_args
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -22,8 +22,8 @@ from harness.errors import HarnessError
 from harness.model.rwkv import ModelConfig
 from harness.results import RunDir, file_sha256
 from harness.training.accel import Accel
-from harness.training.optim import Grouping
 from harness.training.memory import available_memory, check_fits, estimate_training_memory
+from harness.training.optim import Grouping
 from impls.base import Implementation
 
 
