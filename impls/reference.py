@@ -133,25 +133,33 @@ class TimeMix(nn.Module):
         key, ``v`` after the value residual, ``kk`` the normalised removal key and ``a`` the in-context rate
         (the WKV takes ``-kk`` and ``kk * a``). Three stages, which the fused decode step
         (:mod:`impls.wkv7_decode_triton`) takes apart: the token-shift mixes, the matmuls, the element-wise gates."""
-        return self.gates(*self.projections(*self.token_mix(x, x_prev)), v_first)
+        xr, xw, xk, xv, xa, xg = self.token_mix(x, x_prev)
+        r, w_lora, k, v, v_lora, a_lora, g = self.projections(xr, xw, xk, xv, xa, xg)
+        return self.gates(r, w_lora, k, v, v_lora, a_lora, g, v_first)
 
-    def token_mix(self, x: torch.Tensor, x_prev: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def token_mix(self, x: torch.Tensor, x_prev: torch.Tensor) -> tuple[
+            torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The six token-shift interpolations ``x + (x_prev - x) * mix``: the inputs of r, w, k, v, a and g."""
         xx = x_prev - x
-        return tuple(x + xx * mix for mix in self.token_mixes())
+        return (x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k, x + xx * self.x_v, x + xx * self.x_a,
+                x + xx * self.x_g)
 
     def token_mixes(self) -> tuple[nn.Parameter, ...]:
+        """The mixes of :meth:`token_mix`, in its order."""
         return self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g
 
     def projections(self, xr: torch.Tensor, xw: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, xa: torch.Tensor,
-                    xg: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+                    xg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                               torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """The matmuls: ``(r, w_lora, k, v, v_lora, a_lora, g)``, the low-rank terms before their biases and
         squashing; ``v_lora`` None in layer 0 (it has no value residual)."""
         r = self.receptance(xr)
         w_lora = torch.tanh(xw @ self.w1) @ self.w2
         k = self.key(xk)
         v = self.value(xv)
-        v_lora = None if self.layer_id == 0 else (xv @ self.v1) @ self.v2
+        v_lora: torch.Tensor | None = None
+        if self.layer_id != 0:
+            v_lora = (xv @ self.v1) @ self.v2
         a_lora = (xa @ self.a1) @ self.a2
         g = torch.sigmoid(xg @ self.g1) @ self.g2
         return r, w_lora, k, v, v_lora, a_lora, g
