@@ -51,6 +51,13 @@ def compose_config(config_name: str, overrides: list[str], conf_dir: Path = CONF
         return _compose(config_name, [override.input_line for override in parsed])
 
 
+def check_betas(key: str, betas: Any) -> None:
+    """Adam's two betas, each in [0, 1); a one-line HarnessError naming ``key`` otherwise."""
+    betas = list(betas)
+    if len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
+        raise HarnessError(f"{key} must be two numbers in [0, 1), got {betas}")
+
+
 def dataclass_from(cls: type[T], cfg: DictConfig) -> T:
     """The (frozen) config dataclass ``cls`` holding ``cfg``: lists as tuples, an int given for a float default as a
     float and any plain value given for a string default as a string."""

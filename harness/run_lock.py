@@ -19,17 +19,15 @@ from harness.errors import HarnessError
 
 LOCK_NAME = "run.lock"
 HOLDER_WRITE_WAIT_S = 5.0  # how long a second process waits for the lock's holder to name itself
-
-
-class RunInUse(HarnessError):
-    """Another process holds the lock; the message names it."""
+TRAINING_RUN_ADVICE = "wait for that run to end, or stop it (Ctrl-C checkpoints it), or choose another run_id="
 
 
 class RunLock:
     """The lock of ``run_dir``, held from :meth:`acquire` to :meth:`release` (or the end of the process)."""
 
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
+    def __init__(self, run_dir: Path, advice: str = TRAINING_RUN_ADVICE):
+        """``advice``: what a second process is told to do about the run in use."""
+        self.run_dir, self.advice = run_dir, advice
         self._fd: int | None = None
         self._created_dir = False
 
@@ -48,8 +46,7 @@ class RunLock:
             except BlockingIOError:
                 holder = _wait_for_holder(fd)
                 os.close(fd)
-                raise RunInUse(f"{self.run_dir} is in use by {holder}; wait for that run to end, or stop it "
-                                   f"(Ctrl-C checkpoints it), or choose another run_id=") from None
+                raise HarnessError(f"{self.run_dir} is in use by {holder}; {self.advice}") from None
             except OSError as exc:  # a file system without locks (some network mounts)
                 os.close(fd)
                 raise HarnessError(f"cannot lock {self.path}: {exc.strerror}; choose a results_dir= on a local "

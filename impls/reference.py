@@ -141,11 +141,12 @@ class TimeMix(nn.Module):
             torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The six token-shift interpolations ``x + (x_prev - x) * mix``: the inputs of r, w, k, v, a and g."""
         xx = x_prev - x
-        return (x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k, x + xx * self.x_v, x + xx * self.x_a,
-                x + xx * self.x_g)
+        m_r, m_w, m_k, m_v, m_a, m_g = self.token_mixes()
+        return x + xx * m_r, x + xx * m_w, x + xx * m_k, x + xx * m_v, x + xx * m_a, x + xx * m_g
 
-    def token_mixes(self) -> tuple[nn.Parameter, ...]:
-        """The mixes of :meth:`token_mix`, in its order."""
+    def token_mixes(self) -> tuple[
+            torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The mixes of :meth:`token_mix`, in its order (the fused decode step reads them too)."""
         return self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g
 
     def projections(self, xr: torch.Tensor, xw: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, xa: torch.Tensor,

@@ -141,8 +141,7 @@ def _(x, held, mixes):
 
 def token_shift_mix(x: torch.Tensor, held: torch.Tensor, mixes: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """``x + (held - x) * mix`` for 1 or 6 ``mixes`` (C each: a channel-mix's, a time-mix's), stacked
-    (len(mixes), B, C); ``held`` (B, C,
-    contiguous, the carried previous token) becomes ``x``."""
+    (len(mixes), B, C); ``held`` (B, C, contiguous: the carried previous token) becomes ``x``."""
     if len(mixes) not in (1, 6) or held.shape != x.shape or not held.is_contiguous():
         raise ImplementationError(f"token_shift_mix takes 1 or 6 mixes and a contiguous carried token of x's shape; "
                                   f"got {len(mixes)} mixes, x {tuple(x.shape)}, held {tuple(held.shape)}")

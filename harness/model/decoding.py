@@ -134,13 +134,13 @@ def rwkv_with_state(model: RWKV, idx: torch.Tensor, state: RWKVState | None, wkv
     With ``fused_step`` a single token continuing a state runs through the fused decode kernels
     (:mod:`impls.wkv7_decode_triton`), which update ``state`` in place."""
     att_x, ffn_x, wkv_states = [], [], []
-    fused = fused_step and state is not None and idx.shape[1] == 1
+    fused = fused_kernels() if fused_step and state is not None and idx.shape[1] == 1 else None
 
     def time_mix(att: nn.Module, i: int) -> Callable:
         def step(xa: torch.Tensor, v_first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             if fused:
-                out, v_first = fused_kernels().time_mix_step(att, xa[:, 0], state.att_x[i], state.wkv[i],
-                                                             v_first[:, 0], key_major)
+                out, v_first = fused.time_mix_step(att, xa[:, 0], state.att_x[i], state.wkv[i], v_first[:, 0],
+                                                   key_major)
                 att_x.append(state.att_x[i])
                 wkv_states.append(state.wkv[i])
                 return out.unsqueeze(1), v_first.unsqueeze(1)
@@ -159,7 +159,7 @@ def rwkv_with_state(model: RWKV, idx: torch.Tensor, state: RWKVState | None, wkv
         def step(xf: torch.Tensor) -> torch.Tensor:
             if fused:
                 ffn_x.append(state.ffn_x[i])
-                return fused_kernels().channel_mix_step(ffn, xf[:, 0], state.ffn_x[i]).unsqueeze(1)
+                return fused.channel_mix_step(ffn, xf[:, 0], state.ffn_x[i]).unsqueeze(1)
             ffn_x.append(xf[:, -1].clone())
             return ffn.mix(xf, _previous(ffn, xf, None if state is None else state.ffn_x[i]))
         return step

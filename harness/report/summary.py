@@ -129,12 +129,17 @@ def shares_gpu(steps: pd.DataFrame) -> pd.Series:
     return steps["loss_only"].fillna(False).astype(bool)
 
 
+def counts_for_speed(steps: pd.DataFrame) -> pd.Series:
+    """Per step row: whether its speed counts (after the warm-up, in a run that had its GPU to itself)."""
+    return (steps["warmup"] == 0) & ~shares_gpu(steps)
+
+
 def throughput_table(steps: pd.DataFrame) -> pd.DataFrame:
     """Per arm and GPU model (runs on other hardware never pool): filtered and aggregate kt/s, and ``vs_fastest``
     against the fastest arm of the same experiment on the same GPU model."""
     rows = []
     for (*arm, gpu), group in steps.groupby([*ARM_KEYS, "gpu"], dropna=False, sort=True):
-        timed = group[(group["warmup"] == 0) & ~shares_gpu(group)]
+        timed = group[counts_for_speed(group)]
         if timed.empty:
             continue
         filtered = tukey_filter(timed["kt_per_s"].to_numpy())
@@ -266,7 +271,7 @@ def plot_loss(steps: pd.DataFrame, path: Path, title: str, window: int = 25) -> 
 
 def timed_speed_steps(steps: pd.DataFrame) -> pd.DataFrame:
     """The steps whose speed counts (after warm-up, in runs that had their GPU to themselves), labelled by arm."""
-    timed = steps[(steps["warmup"] == 0) & ~shares_gpu(steps)].copy()
+    timed = steps[counts_for_speed(steps)].copy()
     timed["arm"] = timed.apply(_arm_label, axis=1) if len(timed) else pd.Series(dtype=str)
     return timed
 

@@ -42,11 +42,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from harness.bench.grid import BenchCsv, csv_cells
-from harness.config import CONF_DIR, compose_config, dataclass_from
+from harness.config import CONF_DIR, check_betas, compose_config, dataclass_from
 from harness.env import environment
 from harness.errors import HarnessError
 from harness.results import write_json_atomic
-from harness.run_lock import RunInUse, RunLock
+from harness.run_lock import RunLock
 from harness.synthetic import models as zoo
 from harness.synthetic import task
 
@@ -110,8 +110,7 @@ def validate(cfg: SyntheticConfig) -> None:
     if not cfg.lr > 0 or not cfg.grad_clip > 0 or not cfg.weight_decay >= 0:
         raise HarnessError(f"lr and grad_clip must be above 0 and weight_decay at least 0; got lr={cfg.lr}, "
                            f"grad_clip={cfg.grad_clip}, weight_decay={cfg.weight_decay}")
-    if len(cfg.betas) != 2 or not all(0 <= beta < 1 for beta in cfg.betas):
-        raise HarnessError(f"betas must be two numbers in [0, 1), got {list(cfg.betas)}")
+    check_betas("betas", cfg.betas)
     task.check_sizes(cfg.train_size, cfg.lengths, cfg.batch_size, cfg.vocab, "train_size")
     task.check_sizes(cfg.test_size, cfg.lengths, cfg.batch_size, cfg.vocab, "test_size")
     cfg.shape.rwkv_config()
@@ -312,11 +311,8 @@ def run(cfg: SyntheticConfig) -> list[dict[str, object]]:
     out = Path(cfg.out)
     log = BenchCsv(out / "epochs.csv", FIELDS)
     setup = setup_of(cfg)
-    lock = RunLock(out / "runs")
-    try:
-        lock.acquire()
-    except RunInUse as exc:
-        raise HarnessError(f"{str(exc).split(';')[0]}; wait for it to end or write elsewhere (out=...)") from None
+    lock = RunLock(out / "runs", advice="wait for it to end or write elsewhere (out=...)")
+    lock.acquire()
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:

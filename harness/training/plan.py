@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import impls
+from harness.config import check_betas
 from harness.data.binidx import BinIdx, check_token_ids, default_data_prefix, validate_for_training
 from harness.errors import HarnessError
 from harness.model.rwkv import ModelConfig
@@ -98,9 +99,7 @@ def check_values(cfg: DictConfig) -> None:
     if cfg.optim.grouping not in get_args(Grouping):
         raise HarnessError(f"optim.grouping must be one of {', '.join(get_args(Grouping))}, got "
                            f"{cfg.optim.grouping!r}")
-    betas = list(cfg.optim.betas)
-    if len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
-        raise HarnessError(f"optim.betas must be two numbers in [0, 1), got {betas}")
+    check_betas("optim.betas", cfg.optim.betas)
     if cfg.optim.exit_tokens is not None and cfg.optim.exit_tokens <= 0:
         raise HarnessError(f"optim.exit_tokens must be positive or null, got {cfg.optim.exit_tokens}")
 

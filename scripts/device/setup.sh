@@ -31,10 +31,10 @@ return_device_records() {
 # Into $OUT as NAME.tgz: the logs (steps.csv, run.json; no checkpoints or init files) of the experiments under
 # $STUDY_RESULTS matching PATTERN, with the machine's results folder written as results/ in the records.
 return_run_logs() {  # return_run_logs PATTERN NAME
-  rm -rf /tmp/run-logs && mkdir -p /tmp/run-logs
-  (cd "$STUDY_RESULTS" && tar cf - --exclude=checkpoints --exclude=init ./$1) | tar xf - -C /tmp/run-logs
-  find /tmp/run-logs -name run.json -exec sed -i "s#$STUDY_RESULTS#results#g" {} +
-  tar czf "$OUT/$2.tgz" -C /tmp/run-logs .
+  local staging; staging=$(mktemp -d)
+  (cd "$STUDY_RESULTS" && tar cf - --exclude=checkpoints --exclude=init ./$1) | tar xf - -C "$staging"
+  find "$staging" -name run.json -exec sed -i "s#$STUDY_RESULTS#results#g" {} +
+  tar czf "$OUT/$2.tgz" -C "$staging" . && rm -rf "$staging"
 }
 if [ -f .device/corpus.bin.xz ] && [ ! -f data/corpus.bin ]; then
   xz -d -T8 -c .device/corpus.bin.xz > data/corpus.bin
