@@ -2,11 +2,16 @@
 # Installs the carried wheels, unpacks the corpus (checked against its manifest), sets the environment.
 # Locations default under $HOME / $TMPDIR (on the device: /root, /tmp) and can be set before sourcing.
 export DEVICE_SITE=${DEVICE_SITE:-${TMPDIR:-/tmp}/rwkv-site}
-for wheels in .whl .whl-tf; do  # .whl-tf: a newer transformers for flash-linear-attention, when carried
-  compgen -G "$wheels/*.whl" > /dev/null || continue
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$DEVICE_SITE" \
-    "$wheels"/*.whl
-done
+# Installed once per machine: a second script sourcing this while the first one's processes import from the site
+# must not reinstall under them.
+if [ ! -f "$DEVICE_SITE/.installed" ]; then
+  for wheels in .whl .whl-tf; do  # .whl-tf: a newer transformers for flash-linear-attention, when carried
+    compgen -G "$wheels/*.whl" > /dev/null || continue
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$DEVICE_SITE" \
+      "$wheels"/*.whl
+  done
+  touch "$DEVICE_SITE/.installed"
+fi
 export PYTHONPATH=$DEVICE_SITE${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # DeepSpeed's op builder cannot parse arch names such as "9.0a" in the image's TORCH_CUDA_ARCH_LIST.
 export TORCH_CUDA_ARCH_LIST=9.0
