@@ -37,7 +37,7 @@ return_device_records() {
 # $STUDY_RESULTS matching PATTERN, with the machine's results folder written as results/ in the records.
 return_run_logs() {  # return_run_logs PATTERN NAME
   local staging; staging=$(mktemp -d)
-  (cd "$STUDY_RESULTS" && tar cf - --exclude=checkpoints --exclude=init ./$1) | tar xf - -C "$staging"
+  (cd "$STUDY_RESULTS" && tar cf - --exclude=checkpoints --exclude=init --exclude=run.lock ./$1) | tar xf - -C "$staging"
   find "$staging" -name run.json -exec sed -i "s#$STUDY_RESULTS#results#g" {} +
   tar czf "$OUT/$2.tgz" -C "$staging" . && rm -rf "$staging"
 }
