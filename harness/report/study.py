@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from harness.report.arms import curve_keys
 from harness.report.stats import LAST_STEPS, mean_ci95
 from harness.tables import markdown_table
 
@@ -52,23 +53,41 @@ CAUSES = (
 )
 
 
+PAIRED_APART = ["impl", "impl_options", "init", "grouping"]  # what a cause changes; it shares every other curve key
+
+
 def run_losses(steps: pd.DataFrame, experiment: str = STUDY_EXPERIMENT) -> pd.DataFrame:
-    """One row per run of ``experiment``: impl, init, grouping, seed, steps and its mean loss over its last
+    """One row per run of ``experiment``: its curve keys, GPU model, seed, steps and its mean loss over its last
     :data:`LAST_STEPS` steps."""
     runs = steps[steps["experiment"] == experiment]
+    keys = [*curve_keys(steps), "gpu", "seed", "run_id"]
     rows = []
-    for (impl, init, grouping, seed, run_id), run in runs.groupby(["impl", "init", "grouping", "seed", "run_id"],
-                                                                   sort=True):
+    for key, run in runs.groupby(keys, dropna=False, sort=True):
         run = run.sort_values("step")
-        rows.append({"impl": impl, "init": init, "grouping": grouping, "seed": int(seed), "run_id": run_id,
-                     "steps": int(run["step"].max()) + 1, "loss": float(run.tail(LAST_STEPS)["loss"].mean())})
-    return pd.DataFrame(rows, columns=["impl", "init", "grouping", "seed", "run_id", "steps", "loss"])
+        rows.append({**dict(zip(keys, key, strict=True)), "steps": int(run["step"].max()) + 1,
+                     "loss": float(run.tail(LAST_STEPS)["loss"].mean())})
+    return pd.DataFrame(rows, columns=[*keys, "steps", "loss"])
 
 
-def _arm(losses: pd.DataFrame, impl: str, init: str, grouping: str) -> pd.DataFrame:
+def _matching(losses: pd.DataFrame, impl: str, init: str, grouping: str) -> pd.DataFrame:
     matches = losses["impl"].map(lambda name: fnmatch.fnmatchcase(name, impl))
-    chosen = losses[matches & (losses["init"] == init) & (losses["grouping"] == grouping)]
-    return chosen.drop_duplicates("seed", keep="last").set_index("seed")  # one run per seed (the latest label)
+    return losses[matches & (losses["init"] == init) & (losses["grouping"] == grouping)]
+
+
+def paired_gaps(losses: pd.DataFrame, cause: Cause) -> pd.DataFrame:
+    """Per seed, the cause's run minus the baseline's run of the same seed, GPU model and every curve key the cause
+    does not change, over runs of equal length (``seed``, ``steps``, ``gap``). Where several arms match the cause
+    (another accel, length...), the one with the most such pairs."""
+    shared = [key for key in losses.columns if key not in {*PAIRED_APART, "run_id", "steps", "loss"}]
+    arm = _matching(losses, cause.impl, cause.init, cause.grouping)
+    pairs = arm.merge(_matching(losses, *BASELINE), on=shared, suffixes=("", "_base"))
+    pairs = pairs[pairs["steps"] == pairs["steps_base"]]
+    if pairs.empty:
+        return pd.DataFrame(columns=["seed", "steps", "gap"])
+    arm_keys = [key for key in arm.columns if key not in {"seed", "run_id", "steps", "loss"}]
+    pairs = pairs.assign(arm=pairs.groupby(arm_keys, dropna=False, sort=True).ngroup())
+    chosen = pairs[pairs["arm"] == pairs["arm"].value_counts().sort_index().idxmax()]
+    return chosen.assign(gap=chosen["loss"] - chosen["loss_base"])[["seed", "steps", "gap"]].sort_values("seed")
 
 
 def verdict(mean: float, half: float | None) -> str:
@@ -85,25 +104,21 @@ def cause_table(steps: pd.DataFrame, published: pd.DataFrame | None, experiment:
                 ) -> pd.DataFrame:
     """Each cause's loss gap to the baseline, paired by seed over runs of equal length, with its 95% interval."""
     losses = run_losses(steps, experiment)
-    base = _arm(losses, *BASELINE)
     published_loss = {} if published is None else published[published["quantity"] == "loss_last200"].set_index(
         "arm")["value"].to_dict()
     rows = []
     for cause in CAUSES:
-        arm = _arm(losses, cause.impl, cause.init, cause.grouping)
-        seeds = sorted(seed for seed in set(arm.index) & set(base.index)
-                       if arm.loc[seed, "steps"] == base.loc[seed, "steps"])
+        pairs = paired_gaps(losses, cause)
         published_gap = (published_loss[cause.published_arm] - published_loss[PUBLISHED_BASELINE]
                          if cause.published_arm in published_loss and PUBLISHED_BASELINE in published_loss else None)
-        row = {"cause": cause.label, "arm": f"{cause.impl} {cause.init} {cause.grouping}", "seeds": len(seeds),
+        row = {"cause": cause.label, "arm": f"{cause.impl} {cause.init} {cause.grouping}", "seeds": len(pairs),
                "published_gap": published_gap}
-        if not seeds:  # shown, so that the table says which causes are still unmeasured
+        if pairs.empty:  # shown, so that the table says which causes are still unmeasured
             rows.append(row | {"steps": None, "loss_gap": None, "ci95": None, "ci_width": None,
                                "verdict": NOT_RUN})
             continue
-        gaps = np.array([arm.loc[seed, "loss"] - base.loc[seed, "loss"] for seed in seeds])
-        mean, half = mean_ci95(gaps)
-        rows.append(row | {"steps": int(base.loc[seeds[0], "steps"]), "loss_gap": mean, "ci95": half,
+        mean, half = mean_ci95(pairs["gap"].to_numpy())
+        rows.append(row | {"steps": int(pairs["steps"].iloc[0]), "loss_gap": mean, "ci95": half,
                            "ci_width": None if half is None else 2 * half, "verdict": verdict(mean, half)})
     columns = ["cause", "arm", "seeds", "steps", "loss_gap", "ci95", "ci_width", "verdict", "published_gap"]
     return pd.DataFrame(rows, columns=columns).astype({"steps": "Int64"})

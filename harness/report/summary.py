@@ -15,8 +15,8 @@ give byte-identical PNGs. Only ``--readme`` embeds results/summary.md in README.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,96 +27,12 @@ from harness.bench.grid import Series, device_label
 from harness.errors import HarnessError, exit_on_user_error
 from harness.figures import save_figure
 from harness.report.accel_runs import accel_pairs_markdown
+from harness.report.arms import curve_keys, form_arms, mixed_corpus_warnings, shown, varying_shape_keys
+from harness.report.load import load_runs
 from harness.report.stats import LAST_STEPS, mean_ci95, tukey_filter
 from harness.report.study import study_markdown
 from harness.synthetic.report import synthetic_markdown
 from harness.tables import format_throughput, markdown_table
-
-ARM_KEYS = ["experiment", "impl", "init", "bsz", "grouping", "accel"]
-
-
-# --- loading ---------------------------------------------------------------------------------------------
-
-
-REQUIRED_STEP_COLUMNS = ["step", "tokens", "loss", "step_time_s", "kt_per_s", "warmup"]  # older logs lack the rest
-NUMERIC_STEP_COLUMNS = ["step", "tokens", "step_time_s", "kt_per_s", "warmup"]  # a loss may be NaN (a diverged run)
-
-
-class BadRunFile(Exception):
-    """A run file the report cannot read; its message says why."""
-
-
-def load_runs(results_dir: Path) -> pd.DataFrame:
-    """All steps of all runs, one row per (run, step), with the run's arm keys and seed as columns. A run whose
-    run.json or steps.csv cannot be read is left out, and every such file is named in one warning line on stderr;
-    a run without steps.csv (not started) is left out silently."""
-    frames, bad = [], []
-    for run_json in sorted(results_dir.glob("*/*/run.json")):
-        steps_csv = run_json.parent / "steps.csv"
-        if not steps_csv.exists():
-            continue
-        try:
-            frames.append(read_run(run_json, steps_csv))
-        except BadRunFile as exc:
-            bad.append(str(exc))
-    if bad and frames:
-        print(f"warning: left out {len(bad)} unreadable run file(s): {'; '.join(bad)}", file=sys.stderr)
-    if not frames:
-        raise HarnessError(f"no readable runs with steps.csv under {results_dir}"
-                           + (f" (unreadable: {'; '.join(bad)})" if bad else ""))
-    return pd.concat(frames, ignore_index=True)
-
-
-def read_run(run_json: Path, steps_csv: Path) -> pd.DataFrame:
-    """One run's steps with its arm keys, seed and environment as columns; BadRunFile names a file that is not
-    JSON, not a run record, empty or corrupt."""
-    try:
-        run = json.loads(run_json.read_text())
-        columns = {"experiment": run_json.parent.parent.name, "run_id": run_json.parent.name, **_run_columns(run)}
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRunFile(f"{run_json} (not JSON: {' '.join(str(exc).split())[:80]})") from None
-    except (AttributeError, TypeError, KeyError, IndexError):
-        raise BadRunFile(f"{run_json} (not a run record)") from None
-    return _read_steps(steps_csv).assign(**columns)
-
-
-def _run_columns(run: dict) -> dict[str, object]:
-    config = run.get("config", {})
-    return {"impl": config.get("impl", {}).get("name"), "init": config.get("init", {}).get("mode"),
-            "bsz": config.get("bsz"), "grouping": config.get("optim", {}).get("grouping"), "seed": config.get("seed"),
-            "gpu": _gpu_of(run), "status": run.get("status"), "strategy": run.get("trainer", {}).get("strategy"),
-            "world_size": run.get("trainer", {}).get("world_size", 1),
-            "data_sha256": run.get("data", {}).get("sha256"),
-            "accel": run.get("accel", {}).get("label", "eager"),
-            "loss_only": bool(run.get("trainer", {}).get("loss_only", False))}
-
-
-def _read_steps(steps_csv: Path) -> pd.DataFrame:
-    try:
-        steps = pd.read_csv(steps_csv)
-    except pd.errors.EmptyDataError:
-        raise BadRunFile(f"{steps_csv} (empty)") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise BadRunFile(f"{steps_csv} (corrupt: {' '.join(str(exc).split())[:80]})") from None
-    if steps.empty:
-        raise BadRunFile(f"{steps_csv} (no steps)")
-    if missing := [c for c in REQUIRED_STEP_COLUMNS if c not in steps.columns]:
-        raise BadRunFile(f"{steps_csv} (corrupt: no column {', '.join(missing)})")
-    written = steps[REQUIRED_STEP_COLUMNS]
-    not_numbers = written.apply(pd.to_numeric, errors="coerce").isna() & written.notna()
-    if not_numbers.any().any() or written[NUMERIC_STEP_COLUMNS].isna().any().any():
-        raise BadRunFile(f"{steps_csv} (corrupt: a row with missing or non-numeric values)")
-    return steps
-
-
-def _gpu_of(run: dict) -> str:
-    envs = run.get("environment") or [{}]
-    return envs[-1].get("gpu") or envs[-1].get("cpu") or "unknown"
-
-
-def _arm(key: tuple) -> dict:
-    return dict(zip(ARM_KEYS, key, strict=True))
-
 
 # --- tables ----------------------------------------------------------------------------------------------
 
@@ -138,14 +54,15 @@ def throughput_table(steps: pd.DataFrame) -> pd.DataFrame:
     """Per arm and GPU model (runs on other hardware never pool): filtered and aggregate kt/s, and ``vs_fastest``
     against the fastest arm of the same experiment on the same GPU model."""
     rows = []
-    for (*arm, gpu), group in steps.groupby([*ARM_KEYS, "gpu"], dropna=False, sort=True):
+    keys = curve_keys(steps)
+    for (*arm, gpu), group in steps.groupby([*keys, "gpu"], dropna=False, sort=True):
         timed = group[counts_for_speed(group)]
         if timed.empty:
             continue
         filtered = tukey_filter(timed["kt_per_s"].to_numpy())
         tokens_per_step = (group["tokens"] / (group["step"] + 1)).iloc[0]
         rows.append({
-            **_arm(arm),
+            **dict(zip(keys, arm, strict=True)),
             "runs": timed["run_id"].nunique(),
             "timed_steps": len(timed),
             "iqr_removed": filtered.removed,
@@ -160,7 +77,7 @@ def throughput_table(steps: pd.DataFrame) -> pd.DataFrame:
     if not table.empty:
         baseline = table.groupby(["experiment", "gpu"])["kt_s_aggregate"].transform("max")
         table["vs_fastest"] = table["kt_s_aggregate"] / baseline
-    return table
+    return shown(table)
 
 
 def loss_table(steps: pd.DataFrame) -> pd.DataFrame:
@@ -170,21 +87,22 @@ def loss_table(steps: pd.DataFrame) -> pd.DataFrame:
     arm ran on more than one GPU model (to tell its rows apart)."""
     common_end = steps.groupby(["experiment", "gpu", "run_id"])["step"].max().groupby(["experiment", "gpu"]).min() + 1
     rows = []
-    for (*arm, gpu), group in steps.groupby([*ARM_KEYS, "gpu"], dropna=False, sort=True):
+    keys = curve_keys(steps)
+    for (*arm, gpu), group in steps.groupby([*keys, "gpu"], dropna=False, sort=True):
         runs = [run.sort_values("step") for _, run in group.groupby("run_id")]
         mean, half = mean_ci95(np.array([run.tail(LAST_STEPS)["loss"].mean() for run in runs]))
         end = int(common_end[(arm[0], gpu)])
         start = max(0, end - LAST_STEPS)
         common = np.mean([run[(run["step"] >= start) & (run["step"] < end)]["loss"].mean() for run in runs])
-        rows.append({**_arm(arm), "seeds": len(runs), "steps": int(group["step"].max()) + 1,
-                     f"loss_last{LAST_STEPS}": mean, "ci95": half, "common_steps": f"{start}-{end - 1}",
-                     "loss_common": float(common), "gpu": gpu})
-    table = pd.DataFrame(rows)
-    shared_arm = not table.empty and table.duplicated(ARM_KEYS).any()
+        rows.append({**dict(zip(keys, arm, strict=True)), "seeds": len(runs),
+                     "steps": int(group["step"].max()) + 1, f"loss_last{LAST_STEPS}": mean, "ci95": half,
+                     "common_steps": f"{start}-{end - 1}", "loss_common": float(common), "gpu": gpu})
+    table = shown(pd.DataFrame(rows))
+    shared_arm = not table.empty and table.duplicated([key for key in keys if key in table]).any()
     return table if shared_arm else table.drop(columns="gpu", errors="ignore")
 
 
-SCALING_KEYS = ["experiment", "impl", "init", "grouping", "accel", "seed", "global_bsz", "gpu"]
+SCALING_SHOWN = ["experiment", "impl", "init", "grouping", "accel", "seed", "global_bsz", "gpu"]
 SCALING_STEPS = 200  # issue 9: losses of 1 and N GPUs compared over the first 200 steps
 SMOOTH = 25
 
@@ -196,13 +114,14 @@ def _aggregate_kt(run: pd.DataFrame) -> float:
 
 
 def scaling_table(steps: pd.DataFrame) -> pd.DataFrame:
-    """Runs that differ only in their GPU count (same arm, seed, global batch and GPU model): kt/s per world size,
-    the speedup over the fewest GPUs and its efficiency, and how far the losses of the first ``SCALING_STEPS`` steps
-    are from the fewest GPUs' run (mean |difference| per step, and the largest |difference| of their SMOOTH-step
-    means)."""
-    frame = steps.assign(global_bsz=steps["bsz"] * steps["world_size"])
+    """Runs that differ only in their GPU count (the same curve keys but per-GPU batch and process count, the same
+    global batch, seed and GPU model): kt/s per world size, the speedup over the fewest GPUs and its efficiency, and
+    how far the losses of the first ``SCALING_STEPS`` steps are from the fewest GPUs' run (mean |difference| per
+    step, and the largest |difference| of their SMOOTH-step means)."""
+    frame = steps if "global_bsz" in steps else steps.assign(global_bsz=steps["bsz"] * steps["world_size"])
+    keys = [*SCALING_SHOWN, *(k for k in curve_keys(frame) if k not in {*SCALING_SHOWN, "bsz", "world_size"})]
     rows = []
-    for key, group in frame.groupby(SCALING_KEYS, dropna=False, sort=True):
+    for key, group in frame.groupby(keys, dropna=False, sort=True):
         if group["world_size"].nunique() < 2:
             continue
         runs = {int(ws): run.sort_values("step").set_index("step") for ws, run in group.groupby("world_size")}
@@ -215,13 +134,13 @@ def scaling_table(steps: pd.DataFrame) -> pd.DataFrame:
             common = common[common < SCALING_STEPS]
             diff = run.loc[common, "loss"] - base.loc[common, "loss"]
             smooth = diff.rolling(SMOOTH, min_periods=1).mean().abs()
-            rows.append({**dict(zip(SCALING_KEYS, key, strict=True)), "world_size": ws,
+            rows.append({**dict(zip(keys, key, strict=True)), "world_size": ws,
                          "bsz_per_gpu": int(run["bsz"].iloc[0]), "kt_s_aggregate": kt,
                          "speedup": kt / base_kt, "efficiency": kt / base_kt * base_ws / ws,
                          "loss_steps": f"0-{int(common.max())}" if len(common) else "–",
                          "loss_mean_abs_diff": float(diff.abs().mean()) if len(common) else np.nan,
                          f"loss_max_abs_diff_{SMOOTH}step": float(smooth.max()) if len(common) else np.nan})
-    return pd.DataFrame(rows)
+    return shown(pd.DataFrame(rows), keep=("global_bsz", "world_size"))
 
 
 def scaling_markdown(steps: pd.DataFrame) -> list[str]:
@@ -240,16 +159,29 @@ def scaling_markdown(steps: pd.DataFrame) -> list[str]:
 # --- figures ---------------------------------------------------------------------------------------------
 
 
-def _arm_label(row: pd.Series) -> str:
-    return f"{row['impl']} / {row['init']} / bsz {row['bsz']}" + ("" if row["grouping"] == "by_role" else " / by_name")
+def _arm_label(row: pd.Series, extra: list[str]) -> str:
+    """impl / init / bsz, then what sets the arm apart where it is not the default: by_name grouping, its
+    accelerations, and the ``extra`` keys (those its figure's runs vary)."""
+    parts = [str(row["impl"]), str(row["init"]), f"bsz {row['bsz']}"]
+    parts += ["by_name"] * (row["grouping"] != "by_role") + [str(row["accel"])] * (row["accel"] != "eager")
+    return " / ".join(parts + [f"{key} {row[key]}" for key in extra])
+
+
+def _arms(steps: pd.DataFrame) -> Iterator[tuple[str, pd.DataFrame]]:
+    """Each arm's label and steps (an arm per GPU model too), in order; the label names every key beyond the six
+    in which the runs of ``steps`` differ, the GPU model included, so that no two curves or boxes share one."""
+    keys = [*curve_keys(steps), "gpu"]
+    runs = steps.drop_duplicates(["experiment", "run_id"])
+    extra = varying_shape_keys(runs.drop(columns="gpu")) + ["gpu"] * (runs["gpu"].nunique() > 1)
+    for arm, group in steps.groupby(keys, dropna=False, sort=True):
+        yield _arm_label(pd.Series(dict(zip(keys, arm, strict=True))), extra), group
 
 
 def plot_loss(steps: pd.DataFrame, path: Path, title: str, window: int = 25) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for arm, group in steps.groupby(ARM_KEYS, dropna=False, sort=True):
-        label = _arm_label(pd.Series(_arm(arm)))
+    for label, group in _arms(steps):
         curve = group.pivot_table(index="tokens", columns="run_id", values="loss").sort_index()
         tokens_m = curve.index.to_numpy() / 1e6
         if curve.shape[1] > 1:
@@ -270,10 +202,11 @@ def plot_loss(steps: pd.DataFrame, path: Path, title: str, window: int = 25) -> 
 
 
 def timed_speed_steps(steps: pd.DataFrame) -> pd.DataFrame:
-    """The steps whose speed counts (after warm-up, in runs that had their GPU to themselves), labelled by arm."""
-    timed = steps[counts_for_speed(steps)].copy()
-    timed["arm"] = timed.apply(_arm_label, axis=1) if len(timed) else pd.Series(dtype=str)
-    return timed
+    """The steps whose speed counts (after warm-up, in runs that had their GPU to themselves), labelled by arm
+    (accelerations and the experiment's varying shape keys included: such arms are boxes of their own)."""
+    timed = steps[counts_for_speed(steps)]
+    return pd.concat([group.assign(arm=label) for label, group in _arms(timed)]) if len(timed) else \
+        timed.assign(arm=pd.Series(dtype=str))
 
 
 def plot_throughput(steps: pd.DataFrame, path: Path, title: str) -> bool:
@@ -293,24 +226,28 @@ def plot_throughput(steps: pd.DataFrame, path: Path, title: str) -> bool:
     return True
 
 
+BASELINE_ARM = {"init": "shared", "grouping": "by_role", "accel": "eager"}  # with the baseline impl
+GAP_APART = {"impl", "impl_options", "init", "grouping", "accel"}  # what the loss gap compares; the rest is shared
+
+
 def plot_loss_gap(steps: pd.DataFrame, path: Path, baseline: str, window: int = 25) -> bool:
-    """Loss minus the baseline impl's loss at equal tokens, same experiment/init/bsz; False if nothing to plot."""
+    """Loss minus the baseline arm's loss at equal tokens (its impl with shared init, fair groups, eager), against
+    arms equal in every other curve key; False if nothing to plot."""
     import matplotlib.pyplot as plt
 
-    mean_loss = steps.groupby(ARM_KEYS + ["tokens"], dropna=False)["loss"].mean().reset_index()
+    shared = [*(key for key in curve_keys(steps) if key not in GAP_APART), "gpu"]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     plotted = False
-    for _, group in mean_loss.groupby(["experiment", "bsz"], sort=True):
-        base = group[(group["impl"] == baseline) & (group["init"] == "shared")].set_index("tokens")["loss"]
+    for _, group in steps.groupby(shared, dropna=False, sort=True):
+        is_base = (group["impl"] == baseline) & (group[list(BASELINE_ARM)] == pd.Series(BASELINE_ARM)).all(axis=1)
+        base = group[is_base].groupby("tokens")["loss"].mean()
         if base.empty:
             continue
-        for arm, arm_group in group.groupby(ARM_KEYS, dropna=False, sort=True):
-            if arm[1] == baseline and arm[2] == "shared":
-                continue
-            gap = (arm_group.set_index("tokens")["loss"] - base).dropna().rolling(window, min_periods=1).mean()
+        for label, arm in _arms(group[~is_base]):
+            gap = (arm.groupby("tokens")["loss"].mean() - base).dropna().rolling(window, min_periods=1).mean()
             if gap.empty:
                 continue
-            ax.plot(gap.index / 1e6, gap, label=_arm_label(pd.Series(_arm(arm))), linewidth=1.2)
+            ax.plot(gap.index / 1e6, gap, label=label, linewidth=1.2)
             plotted = True
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set(title=f"Loss gap vs {baseline} (shared init), rolling {window}-step mean",
@@ -460,8 +397,10 @@ def inference_markdown(results_dir: Path) -> list[str]:
 
 
 def summary_markdown(throughput: pd.DataFrame, losses: pd.DataFrame, steps: pd.DataFrame,
-                     bench: pd.DataFrame | None = None, extra: list[str] | None = None) -> str:
-    """The summary: bare steps, then ``extra`` sections (trainer overhead, kernels, decoding), then training runs."""
+                     bench: pd.DataFrame | None = None, extra: list[str] | None = None,
+                     left_out: pd.DataFrame | None = None) -> str:
+    """The summary: bare steps, then ``extra`` sections (trainer overhead, kernels, decoding), then training runs
+    and the runs that count in none of their statistics."""
     gpus = ", ".join(sorted(steps["gpu"].dropna().unique()))
     return "\n\n".join([
         *bench_markdown(bench),
@@ -479,16 +418,20 @@ def summary_markdown(throughput: pd.DataFrame, losses: pd.DataFrame, steps: pd.D
         "`common_steps`, the last steps that every run of the experiment reached.",
         *mixed_corpus_warnings(steps),
         markdown_table(losses),
+        *left_out_markdown(left_out),
     ]) + "\n"
 
 
-def mixed_corpus_warnings(steps: pd.DataFrame) -> list[str]:
-    """One line per experiment whose runs trained on different data files (by the sha256 in run.json): their losses
-    are not comparable. Runs recorded before the checksum was kept are not counted."""
-    runs = steps.drop_duplicates(["experiment", "run_id"]).dropna(subset=["data_sha256"])
-    return [f"**Warning:** `{experiment}` mixes {group['data_sha256'].nunique()} different data files "
-            f"({', '.join(sorted(group['run_id']))}); its losses are not comparable."
-            for experiment, group in runs.groupby("experiment", sort=True) if group["data_sha256"].nunique() > 1]
+def left_out_markdown(left_out: pd.DataFrame | None) -> list[str]:
+    if left_out is None or left_out.empty:
+        return []
+    return [
+        "### Runs outside the statistics",
+        "Each arm above is the completed runs whose every curve-shaping config value is equal, one per seed. These "
+        "runs count in no table or figure: unfinished (interrupted, running, failed), or an older run of a seed "
+        "that was run again (the latest by its recorded time counts).",
+        markdown_table(left_out),
+    ]
 
 
 def embed_in_readme(readme: Path, summary: str) -> None:
@@ -504,15 +447,31 @@ def embed_in_readme(readme: Path, summary: str) -> None:
 # --- CLI -------------------------------------------------------------------------------------------------
 
 
+def output_dirs(results_dir: Path, figures_dir: Path, experiments: list[str] | None, impls: list[str] | None,
+                out: Path | None) -> tuple[Path, Path]:
+    """Where a report writes its summary and its figures: the published places (``results_dir``, ``figures_dir``)
+    only for a full report without ``out``; a subset in ``out``, by default ``results/subsets/<what it holds>``."""
+    if out is None and not (experiments or impls):
+        return results_dir, figures_dir
+    name = "+".join(experiments or ["all"]) + ("-impl-" + "+".join(impls) if impls else "")
+    out = out or results_dir / "subsets" / name
+    return out, out / "figures"
+
+
 def build_report(results_dir: Path, figures_dir: Path, experiments: list[str] | None = None,
                  impls: list[str] | None = None, csv: bool = False, baseline: str = "rwkv_jit",
-                 readmes: tuple[Path, ...] = ()) -> list[Path]:
-    """Write figures and tables; returns the files written."""
+                 readmes: tuple[Path, ...] = (), out: Path | None = None) -> list[Path]:
+    """Write figures and tables; returns the files written. Only a full report without ``out`` writes the
+    published files (results/summary.md, figures/, the README blocks); a subset writes into its own folder
+    (:func:`output_dirs`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if readmes and (experiments or impls or out):
+        raise HarnessError("--readme publishes the full report: drop --experiment/--impl/--out")
+    summary_dir, figures_dir = output_dirs(results_dir, figures_dir, experiments, impls, out)
     plt.rcParams.update({"font.family": "DejaVu Sans"})
     steps = load_runs(results_dir)
     if experiments:
@@ -521,29 +480,34 @@ def build_report(results_dir: Path, figures_dir: Path, experiments: list[str] | 
         steps = steps[steps["impl"].isin(impls)]
     if steps.empty:
         raise HarnessError("no runs match the --experiment/--impl filters")
+    arms = form_arms(steps)
+    for warning in arms.warnings:
+        print(warning, file=sys.stderr)
+    steps = arms.steps
     throughput, losses = throughput_table(steps), loss_table(steps)
     written = []
     for experiment, runs in steps.groupby("experiment", sort=True):
-        out = figures_dir / str(experiment)
-        out.mkdir(parents=True, exist_ok=True)
-        plot_loss(runs, out / "loss.png", title=f"Training loss: {experiment}")
-        written.append(out / "loss.png")
-        if plot_throughput(runs, out / "throughput.png", title=f"Per-step throughput: {experiment}"):
-            written.append(out / "throughput.png")
-        if plot_loss_gap(runs, out / "loss_gap.png", baseline):
-            written.append(out / "loss_gap.png")
+        figures = figures_dir / str(experiment)
+        figures.mkdir(parents=True, exist_ok=True)
+        plot_loss(runs, figures / "loss.png", title=f"Training loss: {experiment}")
+        written.append(figures / "loss.png")
+        if plot_throughput(runs, figures / "throughput.png", title=f"Per-step throughput: {experiment}"):
+            written.append(figures / "throughput.png")
+        if plot_loss_gap(runs, figures / "loss_gap.png", baseline):
+            written.append(figures / "loss_gap.png")
     bench = bench_table(results_dir)
     throughput = with_bare_ratio(throughput, bench)
     extra = (study_markdown(results_dir, steps, throughput, bench) + overhead_markdown(results_dir)
              + kernels_markdown(results_dir) + inference_markdown(results_dir))
     extra += synthetic_markdown(results_dir, figures_dir)  # results/synthetic-article3 (harness/synthetic)
-    summary = summary_markdown(throughput, losses, steps, bench, extra)
-    (results_dir / "summary.md").write_text(summary)
-    written.append(results_dir / "summary.md")
+    summary = summary_markdown(throughput, losses, steps, bench, extra, arms.left_out)
+    summary_dir.mkdir(parents=True, exist_ok=True)
+    (summary_dir / "summary.md").write_text(summary)
+    written.append(summary_dir / "summary.md")
     if csv:
-        throughput.to_csv(results_dir / "summary_throughput.csv", index=False)
-        losses.to_csv(results_dir / "summary_loss.csv", index=False)
-        written += [results_dir / "summary_throughput.csv", results_dir / "summary_loss.csv"]
+        throughput.to_csv(summary_dir / "summary_throughput.csv", index=False)
+        losses.to_csv(summary_dir / "summary_loss.csv", index=False)
+        written += [summary_dir / "summary_throughput.csv", summary_dir / "summary_loss.csv"]
     for readme in readmes:
         if readme.exists():
             embed_in_readme(readme, summary)
@@ -554,12 +518,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m harness.report", description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=Path("results"))
     parser.add_argument("--figures", type=Path, default=Path("figures"))
-    parser.add_argument("--experiment", action="append", help="only this experiment (repeatable)")
-    parser.add_argument("--impl", action="append", help="only this impl (repeatable)")
+    parser.add_argument("--experiment", action="append", help="only this experiment (repeatable); written to --out")
+    parser.add_argument("--impl", action="append", help="only this impl (repeatable); written to --out")
+    parser.add_argument("--out", type=Path, help="write summary.md (and figures/) here instead of the published "
+                        "files; default for --experiment/--impl: <results>/subsets/<experiments>[-impl-<impls>]")
     parser.add_argument("--baseline", default="rwkv_jit", help="impl the loss gap is measured against")
     parser.add_argument("--csv", action="store_true", help="also write the tables as CSV")
     parser.add_argument("--readme", action="store_true",
-                        help="also refresh the summary blocks of README.md and README.zh-CN.md (publishing)")
+                        help="also refresh the summary blocks of README.md and README.zh-CN.md (publishing; full "
+                             "report only)")
     parser.add_argument("--no-readme", action="store_true", help=argparse.SUPPRESS)  # the default now; old scripts
     args = parser.parse_args(argv)
     readmes = (Path("README.md"), Path("README.zh-CN.md")) if args.readme else ()
@@ -567,7 +534,6 @@ def main(argv: list[str] | None = None) -> None:
         if not args.results.is_dir():
             raise HarnessError(f"results directory {args.results} does not exist")
         written = build_report(args.results, args.figures, args.experiment, args.impl, args.csv, args.baseline,
-                               readmes)
+                               readmes, args.out)
     for path in written:
         print(f"wrote {path}")
-
