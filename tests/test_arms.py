@@ -11,9 +11,10 @@ import pandas as pd
 import pytest
 from report_runs import write_run
 
+from harness.report.arm_tables import loss_table, scaling_table, throughput_table
 from harness.report.arms import form_arms, varying_shape_keys
 from harness.report.load import load_runs
-from harness.report.summary import loss_table, scaling_table, throughput_table, timed_speed_steps
+from harness.report.plots import timed_speed_steps
 
 
 def _issue_runs(results: Path) -> None:

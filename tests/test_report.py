@@ -10,17 +10,12 @@ import numpy as np
 import pytest
 from helpers import REPO, assert_process_user_error, assert_user_error, run_module
 
-from harness.report.summary import (
-    build_report,
-    load_runs,
-    loss_table,
-    mean_ci95,
-    mixed_corpus_warnings,
-    scaling_table,
-    throughput_table,
-    tukey_filter,
-    with_bare_ratio,
-)
+from harness.report.arm_tables import loss_table, scaling_table, throughput_table
+from harness.report.arms import mixed_corpus_warnings
+from harness.report.bench_tables import with_bare_ratio
+from harness.report.cli import build_report
+from harness.report.load import load_runs
+from harness.report.stats import mean_ci95, tukey_filter
 
 FIXTURE = Path(__file__).parent / "fixtures" / "results"
 
@@ -65,7 +60,7 @@ def test_bare_step_table_names_accelerations_and_divides_by_head_of_the_same_com
     import pandas as pd
 
     from harness.bench.step import FIELDS
-    from harness.report.summary import bench_table, fastest_against_head
+    from harness.report.bench_tables import bench_table, fastest_against_head
 
     def row(impl, accel, kt, commit, timestamp):
         return {**dict.fromkeys(FIELDS), "timestamp": timestamp, "impl": impl, "bsz": 48, "kt_per_s": kt,

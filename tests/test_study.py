@@ -7,9 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from harness.report.arm_tables import throughput_table
+from harness.report.plots import timed_speed_steps
 from harness.report.stats import mean_ci95
 from harness.report.study import STUDY_EXPERIMENT, cause_table, speed_layers, verdict
-from harness.report.summary import throughput_table, timed_speed_steps
 from harness.training.accel import Accel
 from harness.training.plan import default_run_id
 

@@ -133,3 +133,14 @@ def _read_steps(steps_csv: Path) -> pd.DataFrame:
     if not_numbers.any().any() or written[NUMERIC_STEP_COLUMNS].isna().any().any():
         raise BadRunFile(f"{steps_csv} (corrupt: a row with missing or non-numeric values)")
     return steps
+
+
+def select_runs(steps: pd.DataFrame, experiments: list[str] | None, impls: list[str] | None) -> pd.DataFrame:
+    """The steps of the runs of ``experiments`` and ``impls`` (all where None); a user error when none is left."""
+    if experiments:
+        steps = steps[steps["experiment"].isin(experiments)]
+    if impls:
+        steps = steps[steps["impl"].isin(impls)]
+    if steps.empty:
+        raise HarnessError("no runs match the --experiment/--impl filters")
+    return steps
