@@ -25,7 +25,6 @@ import numpy as np
 LAST_STEPS = 200  # the published comparison's metric: mean loss over the last 200 steps
 MARGIN = 0.01  # nats/token: RWKV-LM's own reproduction tolerance, the equivalence margin
 ALPHA = 0.05
-VERDICTS = ("equivalent", "different", "inconclusive")
 
 
 @dataclass(frozen=True)
@@ -84,7 +83,7 @@ class Equivalence:
     mean: float
     ci95: float | None  # half-width of the 95% interval
     tost_p: float | None
-    verdict: str  # one of VERDICTS
+    verdict: str  # equivalent | different | inconclusive
     seeds_to_settle: int | None  # inconclusive with a spread to go by: the seeds that would settle it
 
 
