@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.report.summary import load_runs, scaling_table
+from harness.report.arm_tables import scaling_table
+from harness.report.load import load_runs
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["impl=reference", "model=tiny", "model.n_embd=64", "model.head_size=32", "model.ctx_len=32",

@@ -1,6 +1,7 @@
 """Publishing: a user's benchmark rows and training runs land beside the published ones and never rewrite them.
 
-Each test works on a copy of the committed results (results/bench, the top-level figures, results/, the READMEs):
+Each test works on a copy of the committed results (results/bench, the top-level figures, results/, the READMEs, as
+committed at HEAD: never the user's own results/ or figures/, which a quick start or a report run changes):
 the benchmarks append CPU rows to the committed CSVs and draw them into files of their own, and every committed row
 and every published table and figure stays byte-identical; the report refreshes the READMEs only with --readme and
 keeps the published tables' numbers when a user's CPU run is there."""
@@ -12,6 +13,7 @@ import io
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -22,8 +24,6 @@ from harness.bench.cli import main as bench_main
 pytestmark = pytest.mark.filterwarnings("ignore:According to Bo")
 
 REPO = Path(__file__).resolve().parents[1]
-PUBLISHED_BENCH = REPO / "results" / "bench"
-PUBLISHED_FIGURES = REPO / "figures"
 KERNELS_DERIVED = ("results/bench/kernels.md", "figures/kernels.png")
 INFERENCE_DERIVED = tuple(f"figures/inference_{name}.png" for name in ("latency", "memory", "prefill"))
 TINY_KERNELS = ["kernels=reference", "T=16", "B=1", "H=2", "N=16", "device=cpu"]  # as tests/test_bench_kernels.py
@@ -32,14 +32,20 @@ TINY_INFERENCE = ["device=cpu", "dtype=fp32", "impls=reference", "n_layer=2", "n
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def committed(root: Path, *paths: str) -> Path:
+    """``paths`` as committed at HEAD, extracted under ``root`` (``git archive``)."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD", *paths], capture_output=True)
+    if archive.returncode != 0:
+        pytest.skip(f"needs the repository's git history: {archive.stderr.decode().strip()}")
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(root, filter="data")
+    return root
+
+
 @pytest.fixture
 def published(tmp_path: Path) -> Path:
-    """A folder with a copy of results/bench and of the top-level figures as committed."""
-    shutil.copytree(PUBLISHED_BENCH, tmp_path / "results" / "bench")
-    (tmp_path / "figures").mkdir()
-    for png in PUBLISHED_FIGURES.glob("*.png"):
-        shutil.copy2(png, tmp_path / "figures" / png.name)
-    return tmp_path
+    """A folder with results/bench and the figures as committed."""
+    return committed(tmp_path, "results/bench", "figures")
 
 
 def snapshot(root: Path, names: tuple[str, ...]) -> dict[str, bytes]:
@@ -133,12 +139,10 @@ def summary_block(readme: str) -> str:
 
 
 def test_a_users_cpu_run_reaches_the_readmes_only_with_readme(tmp_path: Path) -> None:
-    shutil.copytree(REPO / "results", tmp_path / "results")
     readmes = ("README.md", "README.zh-CN.md")
-    for name in readmes:
-        shutil.copy2(REPO / name, tmp_path / name)
-    published_summary = (REPO / "results" / "summary.md").read_text()
-    cpu_run = REPO / "results" / "cpu-main-job" / "reference-shared-bsz4-seed0"
+    committed(tmp_path, "results", *readmes)
+    published_summary = (tmp_path / "results" / "summary.md").read_text()
+    cpu_run = tmp_path / "results" / "cpu-main-job" / "reference-shared-bsz4-seed0"
     shutil.copytree(cpu_run, tmp_path / "results" / "my-cpu-exp" / "reference-shared-bsz4-seed0")
     # the hardest case: a user's short CPU run filed under the published H200 study
     shutil.copytree(cpu_run, tmp_path / "results" / "study-fair-bsz48" / "reference-shared-bsz4-seed0")
@@ -161,7 +165,7 @@ def test_a_users_cpu_run_reaches_the_readmes_only_with_readme(tmp_path: Path) ->
 
 
 def test_the_report_on_the_published_results_reproduces_the_published_summary(tmp_path: Path) -> None:
-    shutil.copytree(REPO / "results", tmp_path / "results")
+    published_summary = (committed(tmp_path, "results") / "results" / "summary.md").read_bytes()
     proc = report(tmp_path)
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
-    assert (tmp_path / "results" / "summary.md").read_bytes() == (REPO / "results" / "summary.md").read_bytes()
+    assert (tmp_path / "results" / "summary.md").read_bytes() == published_summary

@@ -8,19 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO, assert_process_user_error, run_module
+from helpers import REPO, assert_process_user_error, assert_user_error, run_module
 
-from harness.report.summary import (
-    build_report,
-    load_runs,
-    loss_table,
-    mean_ci95,
-    mixed_corpus_warnings,
-    scaling_table,
-    throughput_table,
-    tukey_filter,
-    with_bare_ratio,
-)
+from harness.report.arm_tables import loss_table, scaling_table, throughput_table
+from harness.report.arms import mixed_corpus_warnings
+from harness.report.bench_tables import with_bare_ratio
+from harness.report.cli import build_report
+from harness.report.load import load_runs
+from harness.report.stats import mean_ci95, tukey_filter
 
 FIXTURE = Path(__file__).parent / "fixtures" / "results"
 
@@ -65,7 +60,7 @@ def test_bare_step_table_names_accelerations_and_divides_by_head_of_the_same_com
     import pandas as pd
 
     from harness.bench.step import FIELDS
-    from harness.report.summary import bench_table, fastest_against_head
+    from harness.report.bench_tables import bench_table, fastest_against_head
 
     def row(impl, accel, kt, commit, timestamp):
         return {**dict.fromkeys(FIELDS), "timestamp": timestamp, "impl": impl, "bsz": 48, "kt_per_s": kt,
@@ -90,7 +85,7 @@ def test_loss_table_ci_across_seeds():
     # loss = 10 - 0.5*step (+0.01 for seed 1): mean over all 12 steps (fewer than 200) = 7.25 and 7.26.
     assert table.loc["rwkv_jit", "loss_last200"] == pytest.approx(7.255)
     mean, half = mean_ci95(np.array([7.25, 7.26]))
-    assert table.loc["rwkv_jit", "ci95"] == pytest.approx(half) and half == pytest.approx(12.706 * 0.01 / 2)
+    assert table.loc["rwkv_jit", "ci95"] == pytest.approx(half) and half == pytest.approx(12.7062 * 0.01 / 2, rel=1e-5)
     assert np.isnan(table.loc["fla", "ci95"]) or table.loc["fla", "ci95"] is None
 
 
@@ -122,24 +117,50 @@ def test_report_end_to_end_is_byte_identical(tmp_path):
     assert "| fixture-exp | rwkv_jit | shared | 2 | by_role | eager | 2 | 20 | 6 |" in summary
 
 
-def test_report_cli_subset_and_readme_embedding(tmp_path):
+def _report(cwd: Path, *args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "harness.report", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, env={"PYTHONPATH": str(REPO), "PATH": "", "MPLBACKEND": "Agg"})
+
+
+README_TEXT = "intro\n<!-- summary:start -->\nold\n<!-- summary:end -->\noutro\n"
+
+
+def test_a_subset_report_writes_its_own_folder_and_never_the_published_files(tmp_path):
+    results, figures = tmp_path / "results", tmp_path / "figs"
+    shutil.copytree(FIXTURE, results)
+    (results / "summary.md").write_text("published\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(README_TEXT)
+    for flags in ([], ["--no-readme"]):  # the default, and the old flag that asked for it
+        proc = _report(tmp_path, "--results", results, "--figures", figures, "--impl", "fla", *flags)
+        assert proc.returncode == 0, proc.stderr
+    assert (results / "summary.md").read_text() == "published\n" and readme.read_text() == README_TEXT
+    assert not figures.exists()  # the published figures are not redrawn from a subset either
+    subset = results / "subsets" / "all-impl-fla"
+    text = (subset / "summary.md").read_text()
+    assert "| fla |" in text and "| rwkv_jit |" not in text
+    assert (subset / "figures" / "fixture-exp" / "loss.png").exists()
+    proc = _report(tmp_path, "--results", results, "--experiment", "fixture-exp", "--out", tmp_path / "mine")
+    assert proc.returncode == 0 and (tmp_path / "mine" / "summary.md").exists(), proc.stderr
+    assert (results / "summary.md").read_text() == "published\n"
+
+
+def test_only_a_full_report_refreshes_the_readme_blocks(tmp_path):
     results = tmp_path / "results"
     shutil.copytree(FIXTURE, results)
     readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- summary:start -->\nold\n<!-- summary:end -->\noutro\n")
-    command = [sys.executable, "-m", "harness.report", "--results", str(results), "--figures", str(tmp_path / "figs"),
-               "--impl", "fla"]
-    for flags in ([], ["--no-readme"]):  # the default, and the old flag that asked for it
-        proc = subprocess.run(command + flags, cwd=tmp_path, capture_output=True, text=True,
-                              env={"PYTHONPATH": str(REPO), "PATH": ""})
-        assert proc.returncode == 0, proc.stderr
-        assert readme.read_text() == "intro\n<!-- summary:start -->\nold\n<!-- summary:end -->\noutro\n"
-    proc = subprocess.run(command + ["--readme"], cwd=tmp_path, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(REPO), "PATH": ""})
+    readme.write_text(README_TEXT)
+    for subset in (["--impl", "fla"], ["--experiment", "fixture-exp"], ["--out", "elsewhere"]):
+        proc = _report(tmp_path, "--results", results, "--figures", tmp_path / "figs", "--readme", *subset)
+        assert_user_error(proc.returncode, proc.stderr, "--readme publishes the full report")
+        assert readme.read_text() == README_TEXT and not (results / "summary.md").exists()
+    proc = _report(tmp_path, "--results", results, "--figures", tmp_path / "figs", "--readme")
     assert proc.returncode == 0, proc.stderr
     text = readme.read_text()
     assert text.startswith("intro\n<!-- summary:start -->\n### Throughput") and text.endswith("outro\n")
-    assert "| fla |" in text and "rwkv_jit" not in text
+    assert "| fla |" in text and "| rwkv_jit |" in text
+    assert text.split("<!-- summary:start -->\n")[1].split("<!-- summary:end -->")[0] == (
+        results / "summary.md").read_text()
 
 
 def test_report_missing_results_is_one_line(tmp_path):

@@ -127,9 +127,9 @@ def test_the_report_gives_means_and_t_intervals_across_seeds(tmp_path):
     out = tmp_path / report.EXPERIMENT
     _synthetic_csv(out / "epochs.csv")
     table = report.final_table(report.read_epochs(out / "epochs.csv")).set_index("model")
-    # final epoch: 0.80, 0.82, 0.84 -> mean 0.82, s = 0.02, half = t(2 df) 4.303 x 0.02 / sqrt(3)
+    # final epoch: 0.80, 0.82, 0.84 -> mean 0.82, s = 0.02, half = t(0.975, 2 df) 4.30265 x 0.02 / sqrt(3)
     assert table.loc["rwkv", "test_acc"] == pytest.approx(0.82)
-    assert table.loc["rwkv", "test_acc_ci95"] == pytest.approx(4.303 * 0.02 / np.sqrt(3))
+    assert table.loc["rwkv", "test_acc_ci95"] == pytest.approx(4.30265 * 0.02 / np.sqrt(3))
     assert table.loc["lstm", "train_loss"] == pytest.approx(2.0) and table.loc["lstm", "seeds"] == 3
     assert table.loc["rwkv", "test_loss_ci95"] == pytest.approx(0.0)
     assert report.synthetic_markdown(tmp_path / "nothing", tmp_path / "fig") == []

@@ -1,1 +1,1 @@
-"""``python -m harness.report``: results/ -> figures/ and results/summary.md (:mod:`~harness.report.summary`)."""
+"""``python -m harness.report``: results/ -> figures/ and results/summary.md (stages: :mod:`~harness.report.cli`)."""

@@ -1,5 +1,5 @@
 import sys
 
-from harness.report.summary import main
+from harness.report.cli import main
 
 main(sys.argv[1:])

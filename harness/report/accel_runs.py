@@ -1,11 +1,13 @@
 """Accelerated training runs against their eager twins (issue 19): runs that differ only in ``accel`` (same
-experiment, impl, init, grouping, bsz, seed and GPU model: the same weights and batches) compared step by step, so
-that "compiled/graphed runs train as eager within bf16 noise" is a table of numbers (scripts/device/accel_curves.sh)."""
+experiment, impl, init, grouping, bsz, seed, GPU model and every other curve key: the same weights and batches)
+compared step by step, so that "compiled/graphed runs train as eager within bf16 noise" is a table of numbers
+(scripts/device/accel_curves.sh)."""
 
 from __future__ import annotations
 
 import pandas as pd
 
+from harness.report.arms import SHAPE_KEYS, shown
 from harness.tables import markdown_table
 
 PAIR_KEYS = ["experiment", "impl", "init", "grouping", "bsz", "seed", "gpu"]
@@ -17,7 +19,8 @@ def accel_pairs(steps: pd.DataFrame) -> pd.DataFrame:
     the difference of their mean losses over the last :data:`TAIL_STEPS` common steps, and the eager run's own
     step-to-step noise there (the std of its loss differences between consecutive steps), for scale."""
     rows = []
-    for key, group in steps.groupby(PAIR_KEYS, sort=True):
+    keys = PAIR_KEYS + [key for key in SHAPE_KEYS if key in steps]  # every curve key but accel
+    for key, group in steps.groupby(keys, dropna=False, sort=True):
         eager = group[group["accel"] == "eager"]
         if eager.empty:
             continue
@@ -29,11 +32,11 @@ def accel_pairs(steps: pd.DataFrame) -> pd.DataFrame:
                 continue
             diff = (loss[common] - eager_loss[common]).abs()
             tail = common[-TAIL_STEPS:]
-            rows.append({**dict(zip(PAIR_KEYS, key, strict=True)), "accel": accel, "steps": len(common),
+            rows.append({**dict(zip(keys, key, strict=True)), "accel": accel, "steps": len(common),
                          "mean_abs_diff": float(diff.mean()), "max_abs_diff": float(diff.max()),
                          f"last{TAIL_STEPS}_mean_diff": float(loss[tail].mean() - eager_loss[tail].mean()),
                          "eager_step_noise": float(eager_loss[tail].diff().std())})
-    return pd.DataFrame(rows)
+    return shown(pd.DataFrame(rows))
 
 
 def accel_pairs_markdown(steps: pd.DataFrame) -> list[str]:

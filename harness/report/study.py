@@ -1,16 +1,14 @@
-"""The study's headline: what explains the published RWKV-vs-FLA gaps, cause by cause, with confidence intervals across
-seeds (``python -m harness.report`` embeds it in results/summary.md).
+"""The study's headline: what explains the published RWKV-vs-FLA loss gap, cause by cause, with confidence intervals
+across seeds and an equivalence verdict (``python -m harness.report`` embeds it in results/summary.md; the speed by
+layer of the stack beside it: :mod:`harness.report.study_speed`).
 
-* **Loss, by cause.** For each arm of the study experiment, its gap to ``rwkv_jit`` from shared weights with the fair
-  optimizer groups (the baseline): per seed, the difference of the two runs' mean losses over their last 200 steps
-  (same seed: same init, same batches), then the mean of those paired differences and its 95% t-interval. The arm
-  is "equal within noise" to the baseline when that interval holds 0 (with at least two seeds; the interval's width
-  says how small a difference the seeds could see), "higher" or "lower" when it does not. The published gap beside it
-  is the published arm's loss minus the published RWKV-LM run's (results/published/rwkv-fla-comparison.csv).
-* **Speed, by layer of the stack.** FLA over ``rwkv_jit`` at bsz 48 on one GPU model: the WKV op alone
-  (results/bench/kernels.csv, B=48 T=512 H=12, forward + backward), the bare step (results/bench/step.csv, eager),
-  plain Lightning (results/bench/trainer_overhead.csv, ``plain_bf16_true``) and DeepSpeed ZeRO-2 (the study's own
-  dedicated runs; runs flagged ``loss_only`` shared their GPU and give no speed), beside the published ratio.
+For each cause, an arm of the study experiment, its gap to ``rwkv_jit`` from shared weights with the fair optimizer
+groups (the baseline): per seed, the difference of the two runs' mean losses over their last 200 steps (same seed:
+same init, same batches; every curve key the cause does not change equal), then the mean of those paired gaps, its
+95% t-interval and the equivalence test at ±0.01 nats, RWKV-LM's own reproduction tolerance, with one of three
+words (:func:`harness.report.stats.equivalence`: equivalent, different, inconclusive, and for an inconclusive gap the
+seeds that would settle it). The published numbers beside it: the published arm's loss, and its gap to the published
+RWKV-LM run (results/published/rwkv-fla-comparison.csv).
 """
 
 from __future__ import annotations
@@ -19,15 +17,15 @@ import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from harness.report.stats import LAST_STEPS, mean_ci95
+from harness.report.arms import curve_keys
+from harness.report.stats import LAST_STEPS, MARGIN, equivalence
+from harness.report.study_speed import published_comparison, speed_layers
 from harness.tables import markdown_table
 
 STUDY_EXPERIMENT = "study-fair-bsz48"
 BASELINE = ("rwkv_jit", "shared", "by_role")
-PUBLISHED = Path("published") / "rwkv-fla-comparison.csv"
 PUBLISHED_BASELINE = "rwkv"  # the published losses are against RWKV-LM without JIT (its speed: with and without)
 
 
@@ -52,127 +50,71 @@ CAUSES = (
 )
 
 
+PAIRED_APART = ["impl", "impl_options", "init", "grouping"]  # what a cause changes; it shares every other curve key
+
+
 def run_losses(steps: pd.DataFrame, experiment: str = STUDY_EXPERIMENT) -> pd.DataFrame:
-    """One row per run of ``experiment``: impl, init, grouping, seed, steps and its mean loss over its last
+    """One row per run of ``experiment``: its curve keys, GPU model, seed, steps and its mean loss over its last
     :data:`LAST_STEPS` steps."""
     runs = steps[steps["experiment"] == experiment]
+    keys = [*curve_keys(steps), "gpu", "seed", "run_id"]
     rows = []
-    for (impl, init, grouping, seed, run_id), run in runs.groupby(["impl", "init", "grouping", "seed", "run_id"],
-                                                                   sort=True):
+    for key, run in runs.groupby(keys, dropna=False, sort=True):
         run = run.sort_values("step")
-        rows.append({"impl": impl, "init": init, "grouping": grouping, "seed": int(seed), "run_id": run_id,
-                     "steps": int(run["step"].max()) + 1, "loss": float(run.tail(LAST_STEPS)["loss"].mean())})
-    return pd.DataFrame(rows, columns=["impl", "init", "grouping", "seed", "run_id", "steps", "loss"])
+        rows.append({**dict(zip(keys, key, strict=True)), "steps": int(run["step"].max()) + 1,
+                     "loss": float(run.tail(LAST_STEPS)["loss"].mean())})
+    return pd.DataFrame(rows, columns=[*keys, "steps", "loss"])
 
 
-def _arm(losses: pd.DataFrame, impl: str, init: str, grouping: str) -> pd.DataFrame:
+def _matching(losses: pd.DataFrame, impl: str, init: str, grouping: str) -> pd.DataFrame:
     matches = losses["impl"].map(lambda name: fnmatch.fnmatchcase(name, impl))
-    chosen = losses[matches & (losses["init"] == init) & (losses["grouping"] == grouping)]
-    return chosen.drop_duplicates("seed", keep="last").set_index("seed")  # one run per seed (the latest label)
+    return losses[matches & (losses["init"] == init) & (losses["grouping"] == grouping)]
 
 
-def verdict(mean: float, half: float | None) -> str:
-    """"equal within noise" when the 95% interval holds 0; "higher"/"lower" when it does not; no verdict from one
-    seed."""
-    if half is None or np.isnan(half):
-        return "one seed: no interval"
-    if abs(mean) <= half:
-        return "equal within noise"
-    return "higher" if mean > 0 else "lower"
+def paired_gaps(losses: pd.DataFrame, cause: Cause) -> pd.DataFrame:
+    """Per seed, the cause's run minus the baseline's run of the same seed, GPU model and every curve key the cause
+    does not change, over runs of equal length (``seed``, ``steps``, the cause's ``loss``, ``gap``). Where several
+    arms match the cause (another accel, length...), the one with the most such pairs."""
+    shared = [key for key in losses.columns if key not in {*PAIRED_APART, "run_id", "steps", "loss"}]
+    arm = _matching(losses, cause.impl, cause.init, cause.grouping)
+    pairs = arm.merge(_matching(losses, *BASELINE), on=shared, suffixes=("", "_base"))
+    pairs = pairs[pairs["steps"] == pairs["steps_base"]]
+    if pairs.empty:
+        return pd.DataFrame(columns=["seed", "steps", "loss", "gap"])
+    arm_keys = [key for key in arm.columns if key not in {"seed", "run_id", "steps", "loss"}]
+    pairs = pairs.assign(arm=pairs.groupby(arm_keys, dropna=False, sort=True).ngroup())
+    chosen = pairs[pairs["arm"] == pairs["arm"].value_counts().sort_index().idxmax()]
+    return chosen.assign(gap=chosen["loss"] - chosen["loss_base"])[["seed", "steps", "loss", "gap"]].sort_values(
+        "seed")
+
+
+CAUSE_COLUMNS = ["cause", "arm", "seeds", "steps", "loss", "loss_gap", "ci95", "tost_p", "verdict", "seeds_to_settle",
+                 "published_loss", "published_gap"]
 
 
 def cause_table(steps: pd.DataFrame, published: pd.DataFrame | None, experiment: str = STUDY_EXPERIMENT
                 ) -> pd.DataFrame:
-    """Each cause's loss gap to the baseline, paired by seed over runs of equal length, with its 95% interval."""
+    """Each cause's loss gap to the baseline, paired by seed over runs of equal length: its 95% interval, the TOST
+    p-value and verdict, and the published loss and gap beside it."""
     losses = run_losses(steps, experiment)
-    base = _arm(losses, *BASELINE)
     published_loss = {} if published is None else published[published["quantity"] == "loss_last200"].set_index(
         "arm")["value"].to_dict()
     rows = []
     for cause in CAUSES:
-        arm = _arm(losses, cause.impl, cause.init, cause.grouping)
-        seeds = sorted(seed for seed in set(arm.index) & set(base.index)
-                       if arm.loc[seed, "steps"] == base.loc[seed, "steps"])
-        published_gap = (published_loss[cause.published_arm] - published_loss[PUBLISHED_BASELINE]
-                         if cause.published_arm in published_loss and PUBLISHED_BASELINE in published_loss else None)
-        row = {"cause": cause.label, "arm": f"{cause.impl} {cause.init} {cause.grouping}", "seeds": len(seeds),
-               "published_gap": published_gap}
-        if not seeds:  # shown, so that the table says which causes are still unmeasured
-            rows.append(row | {"steps": None, "loss_gap": None, "ci95": None, "ci_width": None,
-                               "verdict": NOT_RUN})
+        pairs = paired_gaps(losses, cause)
+        ours = published_loss.get(cause.published_arm)
+        published_gap = (ours - published_loss[PUBLISHED_BASELINE]
+                         if ours is not None and PUBLISHED_BASELINE in published_loss else None)
+        row = {"cause": cause.label, "arm": f"{cause.impl} {cause.init} {cause.grouping}", "seeds": len(pairs),
+               "published_loss": ours, "published_gap": published_gap}
+        if pairs.empty:  # shown, so that the table says which causes are still unmeasured
+            rows.append(row | {"verdict": NOT_RUN})
             continue
-        gaps = np.array([arm.loc[seed, "loss"] - base.loc[seed, "loss"] for seed in seeds])
-        mean, half = mean_ci95(gaps)
-        rows.append(row | {"steps": int(base.loc[seeds[0], "steps"]), "loss_gap": mean, "ci95": half,
-                           "ci_width": None if half is None else 2 * half, "verdict": verdict(mean, half)})
-    columns = ["cause", "arm", "seeds", "steps", "loss_gap", "ci95", "ci_width", "verdict", "published_gap"]
-    return pd.DataFrame(rows, columns=columns).astype({"steps": "Int64"})
-
-
-def speed_layers(results_dir: Path, throughput: pd.DataFrame, bench: pd.DataFrame | None,
-                 experiment: str = STUDY_EXPERIMENT) -> pd.DataFrame:
-    """FLA over rwkv_jit at each layer of the stack, per GPU model (see the module docstring), from the report's
-    ``throughput`` table (training runs; shared-GPU runs already left out) and ``bench`` table (bare steps)."""
-    rows = [*_wkv_op_ratio(results_dir), *_bare_step_ratio(bench), *_plain_lightning_ratio(results_dir),
-            *_deepspeed_ratio(throughput, experiment)]
-    published = _published(results_dir)
-    if published is not None:
-        speed = published[published["quantity"] == "kt_per_s"].set_index("arm")["value"]
-        rows.append({"layer": "published training (DeepSpeed ZeRO-2, grad_cp on)", "gpu": "published (not stated)",
-                     "fla": speed["fla"], "rwkv_jit": speed["rwkv_jit"], "fla_vs_rwkv_jit": speed["fla"] /
-                     speed["rwkv_jit"], "unit": "kt/s"})
-    return pd.DataFrame(rows, columns=["layer", "gpu", "fla", "rwkv_jit", "fla_vs_rwkv_jit", "unit"])
-
-
-def _wkv_op_ratio(results_dir: Path) -> list[dict]:
-    path = results_dir / "bench" / "kernels.csv"
-    if not path.exists():
-        return []
-    k = pd.read_csv(path)
-    shape = k[(k["B"] == 48) & (k["T"] == 512) & (k["H"] == 12) & (k["mode"] == "fwdbwd") & (k["status"] == "ok")]
-    latest = shape.sort_values("timestamp").groupby(["gpu", "kernel"]).tail(1)
-    times = latest.pivot_table(index="gpu", columns="kernel", values="median_ms")
-    return [{"layer": "WKV op alone (B=48 T=512 H=12, fwd+bwd; time: lower is faster)", "gpu": gpu,
-             "fla": row["fla_chunk"], "rwkv_jit": row["cuda"], "fla_vs_rwkv_jit": row["cuda"] / row["fla_chunk"],
-             "unit": "ms"} for gpu, row in times.iterrows() if {"fla_chunk", "cuda"} <= set(row.dropna().index)]
-
-
-def _bare_step_ratio(bench: pd.DataFrame | None) -> list[dict]:
-    if bench is None:
-        return []
-    eager = bench[(bench["bsz"] == 48) & (bench["accel"] == "eager")]  # the latest row of each already
-    speed = eager.pivot_table(index="gpu", columns="impl", values="kt_per_s")
-    return _ratio_rows("bare step (bf16 weights, fused AdamW)", speed)
-
-
-def _plain_lightning_ratio(results_dir: Path) -> list[dict]:
-    path = results_dir / "bench" / "trainer_overhead.csv"
-    if not path.exists():
-        return []
-    overhead = pd.read_csv(path)
-    plain = overhead[(overhead["variant"] == "plain_bf16_true") & (overhead["status"] == "completed")]
-    speed = plain.groupby(["gpu", "impl"]).tail(1).pivot_table(index="gpu", columns="impl", values="kt_per_s")
-    return _ratio_rows("plain Lightning (bf16-true, single device)", speed)
-
-
-def _deepspeed_ratio(throughput: pd.DataFrame, experiment: str) -> list[dict]:
-    if throughput.empty:
-        return []
-    arms = throughput[(throughput["experiment"] == experiment) & (throughput["init"] == "shared")
-                      & (throughput["grouping"] == "by_role") & (throughput["accel"] == "eager")]
-    speed = arms.pivot_table(index="gpu", columns="impl", values="kt_s_aggregate")
-    return _ratio_rows(f"DeepSpeed ZeRO-2 training ({experiment}, dedicated runs)", speed)
-
-
-def _ratio_rows(layer: str, speed: pd.DataFrame) -> list[dict]:
-    return [{"layer": layer, "gpu": gpu, "fla": row["fla"], "rwkv_jit": row["rwkv_jit"],
-             "fla_vs_rwkv_jit": row["fla"] / row["rwkv_jit"], "unit": "kt/s"}
-            for gpu, row in speed.iterrows() if {"fla", "rwkv_jit"} <= set(row.dropna().index)]
-
-
-def _published(results_dir: Path) -> pd.DataFrame | None:
-    path = results_dir / PUBLISHED
-    return pd.read_csv(path) if path.exists() else None
+        test = equivalence(pairs["gap"].to_numpy(dtype=float))
+        rows.append(row | {"steps": int(pairs["steps"].iloc[0]), "loss": float(pairs["loss"].mean()),
+                           "loss_gap": test.mean, "ci95": test.ci95, "tost_p": test.tost_p, "verdict": test.verdict,
+                           "seeds_to_settle": test.seeds_to_settle})
+    return pd.DataFrame(rows, columns=CAUSE_COLUMNS).astype({"steps": "Int64", "seeds_to_settle": "Int64"})
 
 
 def study_markdown(results_dir: Path, steps: pd.DataFrame, throughput: pd.DataFrame,
@@ -180,16 +122,21 @@ def study_markdown(results_dir: Path, steps: pd.DataFrame, throughput: pd.DataFr
     """The headline sections, or nothing when the study experiment has no runs."""
     if not (steps["experiment"] == STUDY_EXPERIMENT).any():
         return []
-    causes = cause_table(steps, _published(results_dir))
-    speeds = speed_layers(results_dir, throughput, bench)
+    causes = cause_table(steps, published_comparison(results_dir))
+    speeds = speed_layers(results_dir, throughput, bench, STUDY_EXPERIMENT)
     return [
         f"### The study's headline: the published RWKV-vs-FLA gaps by cause ({STUDY_EXPERIMENT})",
         f"Loss gap to `rwkv_jit` from shared weights with fair optimizer groups: per seed the difference of the mean "
-        f"loss over the last {LAST_STEPS} steps (same seed: same init and batches), then their mean and 95% "
-        "t-interval across seeds. `equal within noise`: the interval holds 0; `ci_width` is how small a difference "
-        "these seeds could see. `published_gap`: the published arm minus the published RWKV-LM run "
-        "(results/published/rwkv-fla-comparison.csv; MiniPile, 2000 steps, where ours is Debian documentation, "
-        "1000 steps).",
+        f"loss over the last {LAST_STEPS} steps (same seed: same init and batches), then their mean (`loss_gap`), "
+        f"its 95% t-interval (`ci95`: half-width) and two one-sided t-tests against a margin of ±{MARGIN} nats, "
+        "RWKV-LM's own reproduction tolerance (`tost_p`). `equivalent`: the TOST p-value is below 0.05 (the "
+        "gap is inside the margin; only these arms train to an equal loss); `different`: not equivalent and the 95% "
+        "interval excludes 0; `inconclusive`: neither, or one seed (no interval). `seeds_to_settle`: for an "
+        "inconclusive gap of two or more seeds, the smallest seed count at which the observed mean and sd would give "
+        "a verdict, the n where t(0.95, n-1) sd / sqrt(n) < margin - |mean| (equivalent) or t(0.975, n-1) sd / sqrt(n) "
+        "< |mean| (different). `loss`: our arm's mean loss. `published_loss` and `published_gap`: the published "
+        "arm's loss and its gap to the published RWKV-LM run (results/published/rwkv-fla-comparison.csv; MiniPile, "
+        "2000 steps, where ours is Debian documentation, 1000 steps).",
         markdown_table(causes),
         "Speed of FLA over `rwkv_jit` at bsz 48, layer by layer (WKV op: time ratio `rwkv_jit`/`fla`; the rest: "
         "kt/s ratio). Runs flagged `loss_only` shared their GPU and give no speed.",

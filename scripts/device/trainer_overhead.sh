@@ -34,7 +34,7 @@ done
 python3 - "$STUDY_RESULTS/overhead" "$OUT/trainer_overhead.csv" <<'PY'
 import csv, json, sys
 from pathlib import Path
-from harness.report.summary import bench_table
+from harness.report.bench_tables import bench_table
 runs, out = Path(sys.argv[1]), sys.argv[2]
 latest = bench_table(Path("results"))  # the latest bare step per (gpu, impl, bsz, accel)
 bare = {(r.impl, r.gpu, r.accel): r.kt_per_s for r in latest[latest["bsz"] == 48].itertuples()}

@@ -1,0 +1,141 @@
+"""The report's figures, one folder per experiment: loss curves (mean ± std over seeds, or a rolling band for one
+seed), per-step throughput as box plots, and the loss gap to the baseline arm. Each curve or box is one arm on one
+GPU model, labelled by what sets it apart. Written with fixed metadata (:func:`harness.figures.save_figure`), so
+the same inputs give byte-identical PNGs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+
+from harness.figures import save_figure
+from harness.report.arm_tables import counts_for_speed
+from harness.report.arms import curve_keys, varying_shape_keys
+
+
+def use_report_style() -> None:
+    """Matplotlib without a display, in the report's font (for every figure of the report, synthetic ones too)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.family": "DejaVu Sans"})
+
+
+def draw_figures(steps: pd.DataFrame, figures_dir: Path, baseline: str) -> list[Path]:
+    """Each experiment's loss, throughput and loss-gap figures under ``figures_dir/<experiment>``; the files
+    written (throughput without a run that had its GPU to itself, the gap without a baseline arm: not drawn)."""
+    written = []
+    for experiment, runs in steps.groupby("experiment", sort=True):
+        figures = figures_dir / str(experiment)
+        figures.mkdir(parents=True, exist_ok=True)
+        plot_loss(runs, figures / "loss.png", title=f"Training loss: {experiment}")
+        written.append(figures / "loss.png")
+        if plot_throughput(runs, figures / "throughput.png", title=f"Per-step throughput: {experiment}"):
+            written.append(figures / "throughput.png")
+        if plot_loss_gap(runs, figures / "loss_gap.png", baseline):
+            written.append(figures / "loss_gap.png")
+    return written
+
+
+def _arm_label(row: pd.Series, extra: list[str]) -> str:
+    """impl / init / bsz, then what sets the arm apart where it is not the default: by_name grouping, its
+    accelerations, and the ``extra`` keys (those its figure's runs vary)."""
+    parts = [str(row["impl"]), str(row["init"]), f"bsz {row['bsz']}"]
+    parts += ["by_name"] * (row["grouping"] != "by_role") + [str(row["accel"])] * (row["accel"] != "eager")
+    return " / ".join(parts + [f"{key} {row[key]}" for key in extra])
+
+
+def _arms(steps: pd.DataFrame) -> Iterator[tuple[str, pd.DataFrame]]:
+    """Each arm's label and steps (an arm per GPU model too), in order; the label names every key beyond the six
+    in which the runs of ``steps`` differ, the GPU model included, so that no two curves or boxes share one."""
+    keys = [*curve_keys(steps), "gpu"]
+    runs = steps.drop_duplicates(["experiment", "run_id"])
+    extra = varying_shape_keys(runs.drop(columns="gpu")) + ["gpu"] * (runs["gpu"].nunique() > 1)
+    for arm, group in steps.groupby(keys, dropna=False, sort=True):
+        yield _arm_label(pd.Series(dict(zip(keys, arm, strict=True))), extra), group
+
+
+def plot_loss(steps: pd.DataFrame, path: Path, title: str, window: int = 25) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, group in _arms(steps):
+        curve = group.pivot_table(index="tokens", columns="run_id", values="loss").sort_index()
+        tokens_m = curve.index.to_numpy() / 1e6
+        if curve.shape[1] > 1:
+            mean, std = curve.mean(axis=1), curve.std(axis=1)
+            band = f"mean ± std over {curve.shape[1]} seeds"
+        else:
+            series = curve.iloc[:, 0]
+            mean = series.rolling(window, min_periods=1).mean()
+            std = series.rolling(window, min_periods=1).std().fillna(0)
+            band = f"rolling {window}-step mean ± std, 1 seed"
+        ax.plot(tokens_m, mean, label=f"{label} ({band})", linewidth=1.2)
+        ax.fill_between(tokens_m, mean - std, mean + std, alpha=0.2)
+    ax.set(title=title, xlabel="tokens (millions)", ylabel="cross-entropy loss (nats/token)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def timed_speed_steps(steps: pd.DataFrame) -> pd.DataFrame:
+    """The steps whose speed counts (after warm-up, in runs that had their GPU to themselves), labelled by arm
+    (accelerations and the experiment's varying shape keys included: such arms are boxes of their own)."""
+    timed = steps[counts_for_speed(steps)]
+    return pd.concat([group.assign(arm=label) for label, group in _arms(timed)]) if len(timed) else \
+        timed.assign(arm=pd.Series(dtype=str))
+
+
+def plot_throughput(steps: pd.DataFrame, path: Path, title: str) -> bool:
+    """The per-step speed of each arm as box plots; False (nothing drawn) when no run had its GPU to itself."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    timed = timed_speed_steps(steps)
+    if timed.empty:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 0.6 + 0.5 * timed["arm"].nunique()))
+    sns.boxplot(data=timed, x="kt_per_s", y="arm", ax=ax, whis=1.5, fliersize=2, order=sorted(timed["arm"].unique()))
+    ax.set(title=f"{title} (warm-up excluded; whiskers at 1.5 x IQR)", xlabel="kilo-tokens / s", ylabel="")
+    ax.grid(alpha=0.3, axis="x")
+    save_figure(fig, path)
+    plt.close(fig)
+    return True
+
+
+BASELINE_ARM = {"init": "shared", "grouping": "by_role", "accel": "eager"}  # with the baseline impl
+GAP_APART = {"impl", "impl_options", "init", "grouping", "accel"}  # what the loss gap compares; the rest is shared
+
+
+def plot_loss_gap(steps: pd.DataFrame, path: Path, baseline: str, window: int = 25) -> bool:
+    """Loss minus the baseline arm's loss at equal tokens (its impl with shared init, fair groups, eager), against
+    arms equal in every other curve key; False if nothing to plot."""
+    import matplotlib.pyplot as plt
+
+    shared = [*(key for key in curve_keys(steps) if key not in GAP_APART), "gpu"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    plotted = False
+    for _, group in steps.groupby(shared, dropna=False, sort=True):
+        is_base = (group["impl"] == baseline) & (group[list(BASELINE_ARM)] == pd.Series(BASELINE_ARM)).all(axis=1)
+        base = group[is_base].groupby("tokens")["loss"].mean()
+        if base.empty:
+            continue
+        for label, arm in _arms(group[~is_base]):
+            gap = (arm.groupby("tokens")["loss"].mean() - base).dropna().rolling(window, min_periods=1).mean()
+            if gap.empty:
+                continue
+            ax.plot(gap.index / 1e6, gap, label=label, linewidth=1.2)
+            plotted = True
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set(title=f"Loss gap vs {baseline} (shared init), rolling {window}-step mean",
+           xlabel="tokens (millions)", ylabel="loss - baseline loss (nats/token)")
+    if plotted:
+        ax.legend(fontsize=7)
+        save_figure(fig, path)
+    plt.close(fig)
+    return plotted
