@@ -110,3 +110,14 @@ def test_extra_arms_get_run_ids_of_their_own() -> None:
     assert default_run_id("fla", "shared", "by_role", Accel(), 48, 0) == "fla-shared-bsz48-seed0"  # as before
     assert default_run_id("fla", "shared", "by_name", Accel(), 48, 1) == "fla-shared-by_name-bsz48-seed1"
     assert default_run_id("rwkv", "shared", "by_role", Accel(compile=True), 16, 0) == "rwkv-shared-compile-bsz16-seed0"
+
+
+def test_seeds_on_other_gpu_models_pair_and_the_table_says_where_each_ran() -> None:
+    """The GPU model sets no config value: seed 0 of the baseline on one model pairs with seed 0 of a cause on
+    another, and the table lists the models with their seeds."""
+    frames = study()
+    on_other = (frames["seed"] > 0) | (frames["impl"] == "fla") & (frames["grouping"] == "by_name")
+    table = cause_table(frames.assign(gpu=np.where(on_other, "NVIDIA H100 80GB HBM3", "NVIDIA H200")), None)
+    confound = table.set_index("arm").loc["fla shared by_name"]
+    assert confound["seeds"] == 3 and confound["verdict"] == "different"
+    assert confound["gpus"] == "H100 / H100: 1, 2; H100 / H200: 0"

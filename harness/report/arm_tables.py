@@ -1,8 +1,8 @@
-"""The report's statistics per arm (the arms of :mod:`harness.report.arms`), per GPU model: throughput with the
-warm-up excluded and Tukey's 1.5 x IQR fences (the count removed reported) beside the aggregate tokens / step time,
-the published loss metric (mean over the last 200 steps) with its 95% interval across seeds, and the scaling pairs
-(runs that differ only in process count at an equal global batch). Runs on other hardware never pool with or shift
-the numbers of another (``vs_fastest`` and ``common_steps`` are per experiment and GPU model)."""
+"""The report's statistics per arm (the arms of :mod:`harness.report.arms`): throughput per GPU model with the
+warm-up excluded and Tukey's 1.5 x IQR fences (the count removed reported) beside the aggregate tokens / step time
+(runs on other hardware never pool, and ``vs_fastest`` is per experiment and GPU model); the published loss metric
+(mean over the last 200 steps) with its 95% interval across seeds, the seeds on whatever GPU models they ran; and
+the scaling pairs (runs that differ only in process count at an equal global batch)."""
 
 from __future__ import annotations
 
@@ -57,25 +57,23 @@ def throughput_table(steps: pd.DataFrame) -> pd.DataFrame:
 
 
 def loss_table(steps: pd.DataFrame) -> pd.DataFrame:
-    """Per arm and GPU model: the published metric over each run's own last steps, and the same metric over the last
-    steps that every run of the experiment on that GPU model reached (``common_steps``), so arms of unequal length
-    compare at equal steps and a run on other hardware changes no other row. The ``gpu`` column is there when an
-    arm ran on more than one GPU model (to tell its rows apart)."""
-    common_end = steps.groupby(["experiment", "gpu", "run_id"])["step"].max().groupby(["experiment", "gpu"]).min() + 1
+    """Per arm (its seeds on any GPU model: the model is no curve key, :mod:`harness.report.arms`; ``gpus`` lists
+    them): the published metric over each run's own last steps, and the same metric over the last steps that every
+    run of the experiment reached (``common_steps``), so that arms of unequal length compare at equal steps."""
+    common_end = steps.groupby(["experiment", "run_id"])["step"].max().groupby("experiment").min() + 1
     rows = []
     keys = curve_keys(steps)
-    for (*arm, gpu), group in steps.groupby([*keys, "gpu"], dropna=False, sort=True):
+    for arm, group in steps.groupby(keys, dropna=False, sort=True):
         runs = [run.sort_values("step") for _, run in group.groupby("run_id")]
         mean, half = mean_ci95(np.array([run.tail(LAST_STEPS)["loss"].mean() for run in runs]))
-        end = int(common_end[(arm[0], gpu)])
+        end = int(common_end[arm[0]])
         start = max(0, end - LAST_STEPS)
         common = np.mean([run[(run["step"] >= start) & (run["step"] < end)]["loss"].mean() for run in runs])
         rows.append({**dict(zip(keys, arm, strict=True)), "seeds": len(runs),
                      "steps": int(group["step"].max()) + 1, f"loss_last{LAST_STEPS}": mean, "ci95": half,
-                     "common_steps": f"{start}-{end - 1}", "loss_common": float(common), "gpu": gpu})
-    table = shown(pd.DataFrame(rows))
-    shared_arm = not table.empty and table.duplicated([key for key in keys if key in table]).any()
-    return table if shared_arm else table.drop(columns="gpu", errors="ignore")
+                     "common_steps": f"{start}-{end - 1}", "loss_common": float(common),
+                     "gpus": ", ".join(sorted(group["gpu"].astype(str).unique()))})
+    return shown(pd.DataFrame(rows))
 
 
 SCALING_SHOWN = ["experiment", "impl", "init", "grouping", "accel", "seed", "global_bsz", "gpu"]

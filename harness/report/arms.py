@@ -1,8 +1,10 @@
 """The report's second stage: runs into arms. A run joins an arm only when every resolved config value that shapes
 its loss curve is equal: the six keys every table shows (:data:`ARM_KEYS`) and the rest (:data:`SHAPE_KEYS`: model
 shape and ctx_len, data, global batch, process count, optimizer, lr schedule and its length, impl options,
-precision). An arm's seeds are the distinct seed values of its completed runs on one GPU model: a repeated seed counts
-once, its latest run by recorded timestamp, with a warning. Interrupted, running and failed runs count in no
+precision). The GPU model is none of them: it sets no config value, and one seed on two GPU models differs at the
+bf16 rounding level only (the report lists the models, and speed stays per model). An arm's seeds are the distinct
+seed values of its completed runs: a repeated seed counts once, its latest run by recorded timestamp, with a
+warning. Interrupted, running and failed runs count in no
 statistic and are listed with their status. Runs that differ only in process count at an equal global batch stay
 apart (the process count is a key): they are the scaling table's pairs, not seeds.
 """
@@ -23,7 +25,7 @@ LEFT_OUT_COLUMNS = ["experiment", "run_id", "status", "steps", "max_steps", "why
 
 @dataclass(frozen=True)
 class Arms:
-    steps: pd.DataFrame  # the steps of the runs that count: completed, one run per (arm, GPU model, seed)
+    steps: pd.DataFrame  # the steps of the runs that count: completed, one run per (arm, seed)
     left_out: pd.DataFrame  # one row per run that counts in no statistic (LEFT_OUT_COLUMNS)
     warnings: list[str]
 
@@ -36,7 +38,7 @@ def curve_keys(steps: pd.DataFrame) -> list[str]:
 
 def form_arms(steps: pd.DataFrame) -> Arms:
     """The runs that count, and the others with the reason; a warning line per repeated seed."""
-    keys = [*curve_keys(steps), "gpu", "seed"]
+    keys = [*curve_keys(steps), "seed"]
     runs = steps.groupby(["experiment", "run_id"], sort=True).agg(
         {**{key: "first" for key in [*keys[1:], "status", "timestamp"]}, "step": "max"}).reset_index()
     runs = runs.assign(steps=runs["step"] + 1, max_steps=runs.get("max_steps"))

@@ -49,12 +49,12 @@ def _arm_label(row: pd.Series, extra: list[str]) -> str:
     return " / ".join(parts + [f"{key} {row[key]}" for key in extra])
 
 
-def _arms(steps: pd.DataFrame) -> Iterator[tuple[str, pd.DataFrame]]:
-    """Each arm's label and steps (an arm per GPU model too), in order; the label names every key beyond the six
-    in which the runs of ``steps`` differ, the GPU model included, so that no two curves or boxes share one."""
-    keys = [*curve_keys(steps), "gpu"]
+def _arms(steps: pd.DataFrame, by_gpu: bool = False) -> Iterator[tuple[str, pd.DataFrame]]:
+    """Each arm's label and steps, in order (an arm per GPU model too with ``by_gpu``: speed, never loss); the label
+    names every key beyond the six in which the runs of ``steps`` differ, so that no two curves or boxes share one."""
+    keys = [*curve_keys(steps), *["gpu"] * by_gpu]
     runs = steps.drop_duplicates(["experiment", "run_id"])
-    extra = varying_shape_keys(runs.drop(columns="gpu")) + ["gpu"] * (runs["gpu"].nunique() > 1)
+    extra = varying_shape_keys(runs.drop(columns="gpu")) + ["gpu"] * (by_gpu and runs["gpu"].nunique() > 1)
     for arm, group in steps.groupby(keys, dropna=False, sort=True):
         yield _arm_label(pd.Series(dict(zip(keys, arm, strict=True))), extra), group
 
@@ -87,7 +87,7 @@ def timed_speed_steps(steps: pd.DataFrame) -> pd.DataFrame:
     """The steps whose speed counts (after warm-up, in runs that had their GPU to themselves), labelled by arm
     (accelerations and the experiment's varying shape keys included: such arms are boxes of their own)."""
     timed = steps[counts_for_speed(steps)]
-    return pd.concat([group.assign(arm=label) for label, group in _arms(timed)]) if len(timed) else \
+    return pd.concat([group.assign(arm=label) for label, group in _arms(timed, by_gpu=True)]) if len(timed) else \
         timed.assign(arm=pd.Series(dtype=str))
 
 
@@ -117,7 +117,7 @@ def plot_loss_gap(steps: pd.DataFrame, path: Path, baseline: str, window: int = 
     arms equal in every other curve key; False if nothing to plot."""
     import matplotlib.pyplot as plt
 
-    shared = [*(key for key in curve_keys(steps) if key not in GAP_APART), "gpu"]
+    shared = [key for key in curve_keys(steps) if key not in GAP_APART]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     plotted = False
     for _, group in steps.groupby(shared, dropna=False, sort=True):

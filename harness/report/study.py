@@ -72,24 +72,25 @@ def _matching(losses: pd.DataFrame, impl: str, init: str, grouping: str) -> pd.D
 
 
 def paired_gaps(losses: pd.DataFrame, cause: Cause) -> pd.DataFrame:
-    """Per seed, the cause's run minus the baseline's run of the same seed, GPU model and every curve key the cause
-    does not change, over runs of equal length (``seed``, ``steps``, the cause's ``loss``, ``gap``). Where several
+    """Per seed, the cause's run minus the baseline's run of the same seed and every curve key the cause does not
+    change (on any GPU model: not a curve key, :mod:`harness.report.arms`), over runs of equal length (``seed``, ``steps``, the cause's ``loss``, ``gap``). Where several
     arms match the cause (another accel, length...), the one with the most such pairs."""
-    shared = [key for key in losses.columns if key not in {*PAIRED_APART, "run_id", "steps", "loss"}]
+    shared = [key for key in losses.columns if key not in {*PAIRED_APART, "gpu", "run_id", "steps", "loss"}]
     arm = _matching(losses, cause.impl, cause.init, cause.grouping)
     pairs = arm.merge(_matching(losses, *BASELINE), on=shared, suffixes=("", "_base"))
     pairs = pairs[pairs["steps"] == pairs["steps_base"]]
     if pairs.empty:
-        return pd.DataFrame(columns=["seed", "steps", "loss", "gap"])
-    arm_keys = [key for key in arm.columns if key not in {"seed", "run_id", "steps", "loss"}]
+        return pd.DataFrame(columns=["seed", "steps", "loss", "gap", "gpus"])
+    arm_keys = [key for key in arm.columns if key not in {"seed", "gpu", "run_id", "steps", "loss"}]
     pairs = pairs.assign(arm=pairs.groupby(arm_keys, dropna=False, sort=True).ngroup())
     chosen = pairs[pairs["arm"] == pairs["arm"].value_counts().sort_index().idxmax()]
-    return chosen.assign(gap=chosen["loss"] - chosen["loss_base"])[["seed", "steps", "loss", "gap"]].sort_values(
-        "seed")
+    chosen = chosen.assign(gap=chosen["loss"] - chosen["loss_base"],
+                           gpus=chosen["gpu"].astype(str) + " / " + chosen["gpu_base"].astype(str))
+    return chosen[["seed", "steps", "loss", "gap", "gpus"]].sort_values("seed")
 
 
 CAUSE_COLUMNS = ["cause", "arm", "seeds", "steps", "loss", "loss_gap", "ci95", "tost_p", "verdict", "seeds_to_settle",
-                 "published_loss", "published_gap"]
+                 "published_loss", "published_gap", "gpus"]
 
 
 def cause_table(steps: pd.DataFrame, published: pd.DataFrame | None, experiment: str = STUDY_EXPERIMENT
@@ -113,8 +114,15 @@ def cause_table(steps: pd.DataFrame, published: pd.DataFrame | None, experiment:
         test = equivalence(pairs["gap"].to_numpy(dtype=float))
         rows.append(row | {"steps": int(pairs["steps"].iloc[0]), "loss": float(pairs["loss"].mean()),
                            "loss_gap": test.mean, "ci95": test.ci95, "tost_p": test.tost_p, "verdict": test.verdict,
-                           "seeds_to_settle": test.seeds_to_settle})
+                           "seeds_to_settle": test.seeds_to_settle, "gpus": _seeds_by_gpu(pairs)})
     return pd.DataFrame(rows, columns=CAUSE_COLUMNS).astype({"steps": "Int64", "seeds_to_settle": "Int64"})
+
+
+def _seeds_by_gpu(pairs: pd.DataFrame) -> str:
+    """Where each pair ran (the arm's GPU model / the baseline's), with its seeds: ``H200 / H200: 0; H100 / ...``."""
+    short = pairs["gpus"].str.replace("NVIDIA ", "").str.replace(" 80GB HBM3", "")
+    return "; ".join(f"{gpus}: {', '.join(str(seed) for seed in group['seed'])}"
+                     for gpus, group in pairs.assign(gpus=short).groupby("gpus", sort=True))
 
 
 def study_markdown(results_dir: Path, steps: pd.DataFrame, throughput: pd.DataFrame,
