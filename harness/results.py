@@ -114,12 +114,21 @@ class RunDir:
         return next(path for path in candidates if not path.exists())
 
 
+class UnreadableRunFile(HarnessError):
+    """A run's JSON file that cannot be read. The message gives the trainer's way out; a command with another
+    (``python -m harness.convert``) catches it and words its own from ``path`` and ``reason``."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path} is unreadable ({reason}); move it away to start again, or pass overwrite=true "
+                         "(the run is then kept under replaced/)")
+        self.path, self.reason = path, reason
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise HarnessError(f"{path} is unreadable ({type(exc).__name__}: {exc}); move it away to start again, or "
-                           f"pass overwrite=true (the run is then kept under replaced/)") from None
+        raise UnreadableRunFile(path, f"{type(exc).__name__}: {exc}") from None
 
 
 class StepLog:

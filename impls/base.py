@@ -105,3 +105,10 @@ class Implementation:
     # (logits, targets) -> the training loss, for an implementation that brings its own (a checkout's fused L2Wrap
     # cross-entropy); None: the harness's cross-entropy with L2Wrap (harness.model.rwkv.lm_loss)
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+    def check_device(self, device: str | torch.device) -> None:
+        """An ImplementationError (one line for the user) unless this implementation runs on ``device``: the one
+        check of an impl against its device, for the trainer and every benchmark."""
+        if self.needs_cuda and torch.device(device).type != "cuda":
+            raise ImplementationError(f"impl {self.name!r} needs a CUDA GPU and runs here on {device}; "
+                                      "on a CPU use impl=reference")

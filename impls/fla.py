@@ -12,12 +12,10 @@ line saying how to install the ``gpu`` extra. It builds on CPU; its forward need
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 
-import fla.layers.rwkv7 as fla_rwkv7_layer
 import torch
-from fla.layers import RWKV7Attention
-from fla.ops.generalized_delta_rule.dplr.chunk import ChunkDPLRDeltaRuleFunction
 
 from impls.base import Implementation
 from impls.custom_ops import wkv_op
@@ -25,6 +23,14 @@ from impls.fla_names import FLA_ATT_NAME_MAP
 from impls.init import lora_ranks
 from impls.reference import ChannelMix
 from impls.triton_autotune import activate_for_fla
+
+# Without a GPU, fla warns at import that it falls back to the CPU; the harness then says in one line that impl=fla
+# needs a CUDA GPU (Implementation.check_device), which a warning above it would make two lines.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", "Triton is not supported on current platform")
+    import fla.layers.rwkv7 as fla_rwkv7_layer
+    from fla.layers import RWKV7Attention
+    from fla.ops.generalized_delta_rule.dplr.chunk import ChunkDPLRDeltaRuleFunction
 
 GROUP_NORM_EPS = 64e-5  # RWKV-LM's ln_x eps; FLA multiplies its norm_eps by head_dim
 

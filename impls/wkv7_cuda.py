@@ -143,8 +143,7 @@ def _fake_checkpoints(r: torch.Tensor) -> list[torch.Tensor]:
     return [r.new_empty((B, H, T // CHUNK_LEN, N, N), dtype=torch.float32), r.new_empty(r.shape, dtype=torch.float32)]
 
 
-_wkv7_clampw_op = wkv_op("wkv7_clampw", _forward, _backward, fake_output=torch.empty_like,
-                         fake_extras=_fake_checkpoints)
+wkv_op("wkv7_clampw", _forward, _backward, fake_output=torch.empty_like, fake_extras=_fake_checkpoints)
 # Under autocast (Lightning's bf16-mixed: fp32 weights) the inputs arrive in fp32: the op takes them as bf16, and
 # autograd returns their gradients in the inputs' own dtype.
 torch.library.register_autocast("rwkv_harness::wkv7_clampw", "cuda", torch.bfloat16)

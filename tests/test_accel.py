@@ -1,5 +1,6 @@
 """The accelerations (harness/training/accel.py): their options, the WKV custom ops under torch.compile, and the
-CUDA-graphed step against the eager one. Numerics against RWKV-LM's fp64 values are in test_golden.py."""
+CUDA-graphed step against the eager one (replayed, not run again). Numerics against RWKV-LM's fp64 values, every
+acceleration alone and together, are in test_golden.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from helpers import assert_close, needs_fla, realistic_wkv_inputs
 import impls
 from harness.errors import HarnessError
 from harness.model.rwkv import RWKV, ModelConfig
-from harness.training.accel import Accel, GraphedStep, forward_backward, loss_function
+from harness.training.accel import Accel, GraphedStep, check_no_live_graph, forward_backward, loss_function
 from impls.reference import wkv7_reference, wkv7_reference_backward, wkv7_reference_op
 
 TINY = ModelConfig(n_layer=2, n_embd=128, head_size=64, vocab_size=512, ctx_len=64)
@@ -74,18 +75,27 @@ def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(t[:, :-1].cuda(), t[:, 1:].cuda()) for t in tokens]
 
 
-def _train(model: RWKV, accel: Accel, batches: list) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Losses of an AdamW run over ``batches`` and the last gradients, eager or CUDA-graphed."""
+def _train(model: RWKV, accel: Accel, batches: list) -> tuple[list[float], dict[str, torch.Tensor], int]:
+    """Losses of an AdamW run over ``batches``, the last gradients, and how many times the Python step ran (eager:
+    once a batch; graphed: the warm-up and the capture only, the replays run no Python)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     before_optimizer = forward_backward(loss_function(model, accel), model.parameters(), 1.0)
-    step = GraphedStep(before_optimizer, model.parameters(), warmup=2) if accel.cuda_graph else before_optimizer
+    python_steps = 0
+
+    def counted(idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        nonlocal python_steps
+        python_steps += 1
+        return before_optimizer(idx, targets)
+
+    step = GraphedStep(counted, model.parameters(), warmup=2) if accel.cuda_graph else counted
     losses = []
     for idx, targets in batches:
         if not accel.cuda_graph:
             optimizer.zero_grad(set_to_none=True)
         losses.append(float(step(idx, targets)))
         optimizer.step()
-    return losses, {name: p.grad.float().clone() for name, p in model.named_parameters() if p.grad is not None}
+    grads = {name: p.grad.float().clone() for name, p in model.named_parameters() if p.grad is not None}
+    return losses, grads, python_steps
 
 
 @pytest.mark.gpu
@@ -97,12 +107,51 @@ def test_graphed_steps_train_as_the_eager_steps(impl: str, accel: Accel) -> None
     same steps without the graph, so every replay computed its own batch, and the gradients it wrote are the ones the
     optimizer stepped. The fused loss comes back in fp32 (a bf16 loss is too coarse to tell the batches apart)."""
     batches = _batches(6)
-    eager_losses, eager_grads = _train(_model(impl), Accel(compile=accel.compile, fused_loss=accel.fused_loss),
-                                       batches)
-    graphed_losses, graphed_grads = _train(_model(impl), accel, batches)
+    eager_losses, eager_grads, _ = _train(_model(impl), Accel(compile=accel.compile, fused_loss=accel.fused_loss),
+                                          batches)
+    graphed_losses, graphed_grads, python_steps = _train(_model(impl), accel, batches)
+    assert python_steps == 3, "two eager warm-up steps and the capture; the three replays must run no Python"
     assert len(set(graphed_losses)) == 6, "every replay must see its own batch"
     assert graphed_losses == pytest.approx(eager_losses, rel=2e-3)
     assert_close(graphed_grads, eager_grads, 5e-2, f"{impl} {accel.label()} vs eager, last step")
+
+
+def test_a_graph_still_holding_the_parameters_is_named_before_a_capture() -> None:
+    """What makes a capture fail with cudaErrorStreamCaptureImplicit (a loss of an earlier backward kept with its
+    graph, whose gradient accumulators autograd would reuse) is found on any device, and leaves no trace."""
+    model = RWKV(impls.get("reference"), ModelConfig(n_layer=2, n_embd=64, head_size=32, vocab_size=97, ctx_len=16))
+    idx = torch.randint(0, 97, (2, 16))
+    check_no_live_graph(model.parameters())
+    loss = model.loss(idx, idx)
+    loss.backward()
+    with pytest.raises(HarnessError, match=r"an autograd graph of an earlier backward still holds \d+ of the "
+                                           r"model's parameters .* release it \(del it, or keep loss.detach\(\)\)"):
+        check_no_live_graph(model.parameters())
+    with torch.no_grad():  # as the trainer's eager steps may call it, under no_grad too
+        with pytest.raises(HarnessError, match="earlier backward"):
+            check_no_live_graph(model.parameters())
+    del loss
+    check_no_live_graph(model.parameters())
+
+
+@pytest.mark.gpu
+def test_graphed_step_after_a_held_default_stream_backward_says_what_to_release() -> None:
+    """An eager step on the default stream whose loss is kept: the capture refuses in one line instead of failing
+    with cudaErrorStreamCaptureImplicit, and once the loss is let go it captures and replays."""
+    model = _model("rwkv")
+    idx, targets = _batches(1)[0]
+    held = model.loss(idx, targets)
+    held.backward()
+    step = GraphedStep(forward_backward(lambda i, t: model.loss(i, t), model.parameters(), 1.0), model.parameters(),
+                       warmup=1)
+    step(idx, targets)  # the eager warm-up
+    with pytest.raises(HarnessError, match="release it"):
+        step(idx, targets)
+    del held
+    loss = step(idx, targets)
+    torch.cuda.synchronize()
+    assert step.graph is not None and torch.isfinite(loss)
+    assert model.head.weight.grad is not None and bool(model.head.weight.grad.abs().sum() > 0)
 
 
 @pytest.mark.gpu

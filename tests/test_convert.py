@@ -280,3 +280,36 @@ def test_checkpoint_records_impl_and_config_and_refuses_other_impls(tmp_path):
     assert convert(tmp_path / "in.pth", tmp_path / "fla.safetensors", "--impl", "fla") == 0
     with pytest.raises(CheckpointError, match="holds impl 'fla' weights.*convert it first"):
         load_model_state(model, tmp_path / "fla.safetensors")
+
+
+def test_every_written_file_has_the_permissions_of_a_new_file(tmp_path):
+    torch.save(perturbed(), tmp_path / "in.pth")
+    (tmp_path / "plain").write_text("")
+    expected = (tmp_path / "plain").stat().st_mode & 0o777  # what the umask gives any new file
+    for dst in ("out.pth", "out.safetensors", "fla"):
+        assert convert(tmp_path / "in.pth", tmp_path / dst) == 0
+    written = [tmp_path / "out.pth", tmp_path / "out.safetensors", *(tmp_path / "fla").iterdir()]
+    assert {path.name: path.stat().st_mode & 0o777 for path in written} == dict.fromkeys(
+        ["out.pth", "out.safetensors", "config.json", "model.safetensors"], expected)
+
+
+def _run_with(tmp_path: Path, run_json: str, last_json: str) -> Path:
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "run.json").write_text(run_json)
+    (run / "checkpoints" / "last.json").write_text(last_json)
+    (run / "checkpoints" / "step-1.ckpt").write_text("")
+    return run
+
+
+@pytest.mark.parametrize(("run_json", "last_json", "message"), [
+    ("{}", "{bad", "checkpoints/last.json is unreadable (JSONDecodeError: Expecting property name enclosed in "
+                   "double quotes: line 1 column 2 (char 1)); name the checkpoint to convert instead: "),
+    ("{bad", '{"step": 1, "path": "step-1.ckpt"}', "cannot read the run's impl and model config from "),
+])
+def test_an_unreadable_run_file_gets_the_converters_advice_not_the_trainers(tmp_path, capsys, run_json, last_json,
+                                                                          message):
+    code = convert(_run_with(tmp_path, run_json, last_json), tmp_path / "out.pth")
+    err = capsys.readouterr().err
+    assert_user_error(code, err, message)
+    assert "overwrite=true" not in err and not (tmp_path / "out.pth").exists()

@@ -432,13 +432,8 @@ def test_cuda_graph_replay_decodes_like_eager_steps(name: str) -> None:
         def greedy() -> None:
             token.copy_(decoder.step(token, state).argmax(-1, keepdim=True))
 
-        if graph:
-            try:
-                replay = capture_graph(greedy).replay  # runs CAPTURE_WARMUP eager steps first
-            except RuntimeError as exc:
-                if name in ("rwkv", "transformer"):
-                    raise
-                pytest.skip(f"{name} decode step cannot be captured (the bench times it eagerly): {exc}")
+        if graph:  # a capture that fails is a failure: every decoder's step is captured on an H100 (inference.csv)
+            replay = capture_graph(greedy).replay  # runs CAPTURE_WARMUP eager steps first
         else:
             replay = greedy
             for _ in range(inference.CAPTURE_WARMUP):
@@ -463,6 +458,6 @@ def test_bench_smoke_on_gpu(tmp_path: Path) -> None:
     print("\n" + "\n".join(f"{r['model']}/{r['impl']} B={r['batch']} L={r['L']}: {r['status']} graphs={r['graphs']} "
                            f"decode {r['decode_ms_median']} ms" for r in rows))
     assert all(r["status"] == "ok" for r in rows)
-    assert all(r["graphs"] == "True" for r in rows if r["model"] in ("rwkv", "transformer"))
+    assert all(r["graphs"] == "True" for r in rows), "a decode step fell back to eager steps: its capture failed"
     assert all(float(r["peak_mem_gib"]) > 0 and int(r["decode_peak_bytes"]) >= int(r["state_bytes_measured"])
                for r in rows)

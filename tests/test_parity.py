@@ -69,7 +69,7 @@ def test_cli_writes_csv_markdown_and_figure(tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.parametrize(("words", "message"), [
-    (["impl_a=rwkv", "impl_b=reference", "device=cpu"], "impl=rwkv needs a CUDA GPU"),
+    (["impl_a=rwkv", "impl_b=reference", "device=cpu"], "impl 'rwkv' needs a CUDA GPU and runs here on cpu"),
     (["impl_a=reference", "impl_b=reference", "dtype_a=fp16", "device=cpu"], "unknown dtype 'fp16'"),
     (["impl_a=nope", "impl_b=reference", "device=cpu"], "unknown impl 'nope'"),
 ])

@@ -1,5 +1,6 @@
 """impl=rwkv_lm: a user's own RWKV-LM checkout through the harness, on CPUs against the fixture checkout
-tests/fixtures/rwkv_lm_checkout (the harness's own pure-PyTorch stand-in with RWKV-LM's interface, no CUDA).
+tests/fixtures/rwkv_lm_checkout (a pure-PyTorch stand-in with RWKV-LM's interface, written from the spec apart from the
+harness, no CUDA; tests/test_golden.py holds it, through the adapter, against RWKV-LM's own values).
 
 What needs the GPU (HEAD's and dc6c3ec's kernels, their parallel build) runs in scripts/device/step_grid.sh."""
 
@@ -164,16 +165,15 @@ def test_one_module_per_path_kernel_and_jit():
     assert len(others | {same[0]}) == 3
 
 
-def test_the_model_holds_the_checkouts_modules_under_canonical_names_and_computes_reference_math():
+def test_the_model_holds_the_checkouts_modules_under_canonical_names():
+    """What the checkout computes is held against RWKV-LM's own values in tests/test_golden.py."""
     impl = fixture_impl(label="mine")
     model, reference = RWKV(impl, MODEL), RWKV(impls.get("reference"), MODEL)
     module = sys.modules[type(model.blocks[1].att).__module__]
     assert isinstance(model.blocks[1].att, module.RWKV_Tmix_x070)
     assert isinstance(model.blocks[1].ffn, module.RWKV_CMix_x070)
-    assert model.canonical_state_dict().keys() == reference.canonical_state_dict().keys()
-    model.load_canonical_state_dict(reference.canonical_state_dict())
-    idx = torch.randint(0, MODEL.vocab_size, (2, MODEL.ctx_len))
-    torch.testing.assert_close(model(idx), reference(idx), rtol=0, atol=0)
+    assert {name: t.shape for name, t in model.canonical_state_dict().items()} == \
+        {name: t.shape for name, t in reference.canonical_state_dict().items()}
     assert impl.name == "rwkv_lm-mine" and impl.needs_cuda is False and impl.loss is module.l2wrap_cross_entropy
 
 

@@ -179,12 +179,6 @@ def resolve_dtype(impl: Implementation, requested: str) -> str:
     return requested
 
 
-def check_device(impl: Implementation, device: str) -> None:
-    if impl.needs_cuda and not device.startswith("cuda"):
-        raise HarnessError(f"impl={impl.name} needs a CUDA GPU ({impl.description}) and none is in use here; "
-                           "run on a GPU machine, or compare impl=reference runs on the CPU")
-
-
 @dataclass(frozen=True)
 class Arm:
     role: str
@@ -202,7 +196,7 @@ def arms(cfg: ParityConfig, device: str) -> list[Arm]:
     for role, name, dtype in (("a", cfg.impl_a, cfg.dtype_a), ("b", cfg.impl_b, cfg.dtype_b),
                               ("ref", "reference", "fp64")):
         impl = impls.get(name)
-        check_device(impl, device)
+        impl.check_device(device)
         out.append(Arm(role, impl, resolve_dtype(impl, dtype)))
     return out
 

@@ -83,7 +83,9 @@ def build(cfg: StepConfig) -> Bench:
     torch.manual_seed(cfg.seed)
     model_cfg = ModelConfig(n_layer=cfg.n_layer, n_embd=cfg.n_embd, head_size=cfg.head_size,
                             vocab_size=cfg.vocab, ctx_len=cfg.ctx)
-    model = RWKV(impls.get(cfg.impl, **cfg.impl_options), model_cfg).to(device=cfg.device, dtype=torch.bfloat16)
+    impl = impls.get(cfg.impl, **cfg.impl_options)
+    impl.check_device(cfg.device)
+    model = RWKV(impl, model_cfg).to(device=cfg.device, dtype=torch.bfloat16)
     cuda = cfg.device.startswith("cuda")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-18, weight_decay=0.0,
                                   fused=cuda)

@@ -24,7 +24,7 @@ from harness.convert.shapes import Dims, infer_dims
 from harness.convert.state_dicts import is_deepspeed_checkpoint, read_state_dict
 from harness.model.checkpoint import Checkpoint, is_checkpoint, load_checkpoint
 from harness.model.rwkv import ModelConfig
-from harness.results import RunDir
+from harness.results import RunDir, UnreadableRunFile
 from impls.base import Transform, to_canonical
 
 SOURCE_FORMATS = ("rwkv-lm", "fla", "harness", "run")
@@ -133,6 +133,9 @@ def _run_checkpoint(run: RunDir, path: Path) -> Path:
         return path
     try:
         last = run.last_checkpoint()
+    except UnreadableRunFile as exc:
+        raise ConvertError(f"{exc.path} is unreadable ({exc.reason}); name the checkpoint to convert instead: "
+                           f"{run.checkpoint_dir}/step-N.ckpt") from None
     except (OSError, ValueError, KeyError) as exc:
         raise ConvertError(f"cannot read {run.last_checkpoint_record} ({type(exc).__name__})") from None
     if last is None:
@@ -151,6 +154,9 @@ def _run_model(run: RunDir) -> tuple[str, ModelConfig, dict[str, object]]:
         model = {k: v for k, v in config["model"].items() if k != "name"}
         model_cfg = ModelConfig(**model, grad_cp=bool(config.get("trainer", {}).get("grad_cp", False)))
         return config["impl"]["name"], model_cfg, dict(record.get("impl", {}).get("flags", {}))
+    except UnreadableRunFile as exc:
+        raise ConvertError(f"cannot read the run's impl and model config from {run.run_json} ({exc.reason})") \
+            from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConvertError(f"cannot read the run's impl and model config from {run.run_json} "
                            f"({type(exc).__name__}: {exc})") from None

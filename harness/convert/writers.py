@@ -105,6 +105,15 @@ def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.clone() if tensor.untyped_storage().nbytes() != tensor.nbytes else tensor
 
 
+def _with_default_permissions(tmp: Path) -> None:
+    """The files under ``tmp`` readable as the umask lets every new file be: safetensors creates its files for
+    the owner alone (0600), where torch.save and plain writes give the umask's 0644."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [tmp] if tmp.is_file() else tmp.iterdir():
+        path.chmod(0o666 & ~umask)
+
+
 def _commit(tmp: Path, dst: Path, force: bool) -> None:
     if dst.exists() and force:
         shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
@@ -130,6 +139,7 @@ def write(tensors: dict[str, torch.Tensor], dst: Path, target: Target, dims: Dim
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     try:
         _write_to(tmp, {name: _own_storage(t) for name, t in tensors.items()}, target, dims, harness)
+        _with_default_permissions(tmp)
         _commit(tmp, dst, force)
     except OSError as exc:
         raise ConvertError(f"cannot write {dst} ({exc})") from None

@@ -13,7 +13,6 @@ from typing import Protocol
 from harness.errors import HarnessError
 
 END_OF_DOCUMENT = 0
-VOCAB_SIZE = 65536  # the model's padded vocabulary; the file has ids 1..65529
 INSTALL_HINT = "pip install -e '.[tokenizer]'"
 
 

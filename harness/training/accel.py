@@ -116,12 +116,35 @@ class GraphedStep:
         return loss
 
     def _capture(self, idx: torch.Tensor, targets: torch.Tensor) -> None:
+        check_no_live_graph(self.parameters)
         self._clear_gradients()
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self.loss = self.forward_backward(idx, targets)
         self.graph = graph
+
+
+_PROBE = "rwkv_harness.live_graph_probe"
+
+
+def check_no_live_graph(parameters: Iterable[torch.nn.Parameter]) -> None:
+    """A one-line HarnessError when an autograd graph built before the capture still reaches ``parameters`` (a
+    caller holding a loss of an earlier backward): autograd reuses the gradient accumulators that graph holds, with
+    the stream they were made on, and a capture that accumulates through them fails with
+    cudaErrorStreamCaptureImplicit. Each accumulator is marked and let go; one that keeps its mark was held."""
+    held = []
+    with torch.enable_grad():
+        for parameter in (p for p in parameters if p.requires_grad):
+            accumulator = parameter.view_as(parameter).grad_fn.next_functions[0][0]
+            accumulator.metadata[_PROBE] = True
+            del accumulator
+            if parameter.view_as(parameter).grad_fn.next_functions[0][0].metadata.pop(_PROBE, False):
+                held.append(parameter)
+    if held:
+        raise HarnessError(f"accel.cuda_graph cannot capture the step: an autograd graph of an earlier backward "
+                           f"still holds {len(held)} of the model's parameters (a loss kept with its graph); release "
+                           f"it (del it, or keep loss.detach()) before the first graphed step")
 
 
 def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> None:

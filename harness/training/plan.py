@@ -111,8 +111,7 @@ def plan_run(cfg: DictConfig) -> Plan:
     accelerator = _accelerator(cfg.trainer.accelerator)
     if int(cfg.trainer.sync_debug_steps) > 0 and accelerator != "gpu":
         raise HarnessError("trainer.sync_debug_steps counts CUDA synchronizations and needs trainer.accelerator=gpu")
-    if impl.needs_cuda and accelerator != "gpu":
-        raise HarnessError(f"impl {impl.name!r} needs a CUDA GPU and none is available; on a CPU use impl=reference")
+    impl.check_device("cuda" if accelerator == "gpu" else "cpu")
     try:
         model_cfg = ModelConfig(**{k: v for k, v in cfg.model.items() if k != "name"},
                                 grad_cp=bool(cfg.trainer.grad_cp))
