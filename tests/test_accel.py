@@ -52,13 +52,22 @@ def test_whole_model_compiles_without_graph_breaks() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["rwkv", pytest.param("fla", marks=needs_fla)])
-def test_gpu_models_compile_without_graph_breaks(impl: str) -> None:
+def test_gpu_models_compile_without_graph_breaks_of_ours(impl: str) -> None:
     """The WKV custom ops (ours, and FLA's chunked kernel, which FLA itself hides from the compiler) and everything
-    around them in one graph: FLA's other Triton ops (token shift, addcmul, k update, gate correction) included."""
+    around them in one graph. FLA 0.6.0 keeps one op of its own out of the compiler (``gate_output_correction``,
+    ``@torch.compiler.disable``: six breaks at it on the H100, results/logs/2026-12-07-h100-device-calls.txt);
+    every other break would be the harness's."""
     model = _model(impl)
     idx, targets = _batches(1)[0]
     explanation = torch._dynamo.explain(lambda i, t: model.loss(i, t, fused=True))(idx, targets)
-    assert explanation.graph_break_count == 0, explanation.break_reasons
+    ours = [reason for reason in explanation.break_reasons if not _fla_disabled(reason)]
+    assert not ours, ours
+    assert impl == "fla" or explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def _fla_disabled(reason) -> bool:
+    """A graph break at a function FLA itself marked ``torch.compiler.disable``."""
+    return "torch.compiler.disable" in reason.reason and any("/fla/" in frame.filename for frame in reason.user_stack)
 
 
 # --- GPU: the CUDA-graphed step ----------------------------------------------------------------------------------
@@ -179,3 +188,4 @@ def test_report_pairs_accelerated_runs_with_their_eager_twins() -> None:
     assert row["accel"] == "compile" and row["steps"] == 100
     assert row["mean_abs_diff"] == pytest.approx(0.002) and row["last50_mean_diff"] == pytest.approx(0.002)
     assert row["eager_step_noise"] > 0.01
+

@@ -120,7 +120,9 @@ class GraphedStep:
         self._clear_gradients()
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: other threads' CUDA calls during the capture (the DataLoader's pin-memory thread allocating
+        # pinned buffers under the trainer) must not invalidate it, as the default "global" mode lets them.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.loss = self.forward_backward(idx, targets)
         self.graph = graph
 
