@@ -27,3 +27,20 @@ def test_ci_runs_the_readme_setup_commands_exactly_in_order():
 
 def test_both_readmes_give_the_same_setup_commands():
     assert setup_commands(ROOT / "README.zh-CN.md") == setup_commands(ROOT / "README.md")
+
+
+FIRST_SCREEN = 40
+
+
+def test_the_first_screen_holds_the_setup_and_the_generated_verdicts_in_both_languages():
+    for name in ("README.md", "README.zh-CN.md"):
+        head = (ROOT / name).read_text().splitlines()[:FIRST_SCREEN]
+        assert all(any(command in line for line in head) for command in setup_commands(ROOT / name)), name
+        assert "<!-- headline:start -->" in head and "<!-- headline:end -->" in head, f"{name}: verdicts below line 40"
+
+
+def test_every_page_the_readmes_link_exists():
+    for name in ("README.md", "README.zh-CN.md"):
+        for target in re.findall(r"\]\(([^)#]+)[^)]*\)", (ROOT / name).read_text()):
+            if not target.startswith("http"):
+                assert (ROOT / target).exists(), f"{name} links {target}"

@@ -122,7 +122,7 @@ def _report(cwd: Path, *args: object) -> subprocess.CompletedProcess:
                           text=True, env={"PYTHONPATH": str(REPO), "PATH": "", "MPLBACKEND": "Agg"})
 
 
-README_TEXT = "intro\n<!-- summary:start -->\nold\n<!-- summary:end -->\noutro\n"
+README_TEXT = "intro\n<!-- headline:start -->\nold\n<!-- headline:end -->\noutro\n"
 
 
 def test_a_subset_report_writes_its_own_folder_and_never_the_published_files(tmp_path):
@@ -157,10 +157,8 @@ def test_only_a_full_report_refreshes_the_readme_blocks(tmp_path):
     proc = _report(tmp_path, "--results", results, "--figures", tmp_path / "figs", "--readme")
     assert proc.returncode == 0, proc.stderr
     text = readme.read_text()
-    assert text.startswith("intro\n<!-- summary:start -->\n### Throughput") and text.endswith("outro\n")
-    assert "| fla |" in text and "| rwkv_jit |" in text
-    assert text.split("<!-- summary:start -->\n")[1].split("<!-- summary:end -->")[0] == (
-        results / "summary.md").read_text()
+    assert text.startswith("intro\n<!-- headline:start -->\n| question | answer | evidence |\n")
+    assert text.endswith("<!-- headline:end -->\noutro\n") and "old" not in text
 
 
 def test_report_missing_results_is_one_line(tmp_path):

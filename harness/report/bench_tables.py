@@ -16,6 +16,8 @@ from harness.tables import format_throughput, markdown_table
 
 HEAD_PREFIX = "rwkv_lm-head"  # bench rows of upstream RWKV-LM HEAD through impl=rwkv_lm (scripts/device/step_grid.sh)
 BENCH_KEYS = ["gpu", "impl", "bsz", "accel"]
+STEP_HEADING = "Bare training step (fwd + bwd + AdamW, L12 D768 ctx 512, bf16, random tokens)"
+DECODING_HEADING = "Decoding: per-token latency and state vs context length"
 
 
 def bench_table(results_dir: Path) -> pd.DataFrame | None:
@@ -71,7 +73,7 @@ def bench_markdown(table: pd.DataFrame | None) -> list[str]:
     if table is None or table.empty:
         return []
     return [
-        "### Bare training step (fwd + bwd + AdamW, L12 D768 ctx 512, bf16, random tokens)",
+        f"### {STEP_HEADING}",
         "From results/bench/step.csv (`python -m harness.bench step`, `scripts/device/step_grid.sh`): the latest row "
         "per GPU, impl, bsz and `accel` (harness/training/accel.py; `eager`: none). `rwkv_lm-head-*` and "
         "`rwkv_lm-dc6c3ec` are upstream RWKV-LM checkouts through `impl=rwkv_lm`. `vs_head`: over HEAD's row at the "
@@ -133,7 +135,7 @@ def inference_markdown(results_dir: Path) -> list[str]:
     for rows in decoding_report.series(path):
         first = rows.frame.iloc[0]
         lines += [
-            f"### Decoding: per-token latency and state vs context length{_heading(rows)}",
+            f"### {DECODING_HEADING}{_heading(rows)}",
             f"From results/bench/inference.csv (`python -m harness.bench inference`): {first['size']}, "
             f"{first['dtype']}, {device_label(first)}, commit {str(first['git_commit'])[:8]}. `decode_ms_L*`: median "
             f"ms per decode step after a prefill of L tokens; `state_mib`: the measured state or KV cache and "

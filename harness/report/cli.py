@@ -5,7 +5,7 @@ The report in stages, one module each, which this CLI only wires: load the runs 
 per arm :mod:`~harness.report.arm_tables`, by cause :mod:`~harness.report.study`, accelerated runs
 :mod:`~harness.report.accel_runs`) -> tables and figures (:mod:`~harness.report.bench_tables`,
 :mod:`~harness.report.plots`) -> publish (:mod:`~harness.report.publish`). Only a full report writes the published
-files: results/summary.md, figures/ and, with ``--readme``, the READMEs' summary blocks; ``--experiment``, ``--impl``
+files: results/summary.md, figures/ and, with ``--readme``, the READMEs' headline blocks; ``--experiment``, ``--impl``
 and ``--out`` write a report of their own (results/subsets/<name>/ by default).
 """
 
@@ -28,7 +28,9 @@ from harness.report.bench_tables import (
 from harness.report.load import load_runs, select_runs
 from harness.report.plots import draw_figures, use_report_style
 from harness.report.publish import check_publishing, output_dirs, summary_markdown, write_summary
-from harness.report.study import study_markdown
+from harness.report.headline import headline_markdown
+from harness.report.study import cause_table, study_markdown
+from harness.report.study_speed import published_comparison
 from harness.synthetic.report import synthetic_markdown
 
 
@@ -54,7 +56,8 @@ def build_report(results_dir: Path, figures_dir: Path, experiments: list[str] | 
     extra += synthetic_markdown(results_dir, figures_dir)  # results/synthetic-article3 (harness/synthetic)
     summary = summary_markdown(throughput, losses, steps, bench, extra, arms.left_out)
     tables = {"throughput": throughput, "loss": losses} if csv else {}
-    return written + write_summary(summary, summary_dir, tables, readmes)
+    headline = headline_markdown(cause_table(steps, published_comparison(results_dir)), bench, results_dir)
+    return written + write_summary(summary, summary_dir, tables, readmes, headline)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline", default="rwkv_jit", help="impl the loss gap is measured against")
     parser.add_argument("--csv", action="store_true", help="also write the tables as CSV")
     parser.add_argument("--readme", action="store_true",
-                        help="also refresh the summary blocks of README.md and README.zh-CN.md (publishing; full "
+                        help="also refresh the headline blocks of README.md and README.zh-CN.md (publishing; full "
                              "report only)")
     parser.add_argument("--no-readme", action="store_true", help=argparse.SUPPRESS)  # the default now; old scripts
     args = parser.parse_args(argv)

@@ -1,5 +1,5 @@
 """The report's last stage: the summary (results/summary.md, or a subset's own folder) and the README blocks
-(between ``<!-- summary:start -->`` and ``<!-- summary:end -->`` of README.md and README.zh-CN.md). Only a full report
+(the ``headline`` block of README.md and README.zh-CN.md: :mod:`harness.report.headline`). Only a full report
 writes the published files, and only ``--readme`` the READMEs; a subset (``--experiment``, ``--impl``, ``--out``)
 writes into a folder of its own."""
 
@@ -69,14 +69,16 @@ def left_out_markdown(left_out: pd.DataFrame | None) -> list[str]:
     ]
 
 
-def embed_in_readme(readme: Path, summary: str) -> None:
-    start, end = "<!-- summary:start -->", "<!-- summary:end -->"
-    text = readme.read_text()
-    if start not in text or end not in text:
+def embed_in_readme(readme: Path, block: str, text: str) -> None:
+    """``text`` between the README's ``<!-- <block>:start -->`` and ``<!-- <block>:end -->`` (a README without
+    them is left as it is)."""
+    start, end = f"<!-- {block}:start -->", f"<!-- {block}:end -->"
+    content = readme.read_text()
+    if start not in content or end not in content:
         return
-    head, rest = text.split(start, 1)
+    head, rest = content.split(start, 1)
     _, tail = rest.split(end, 1)
-    readme.write_text(f"{head}{start}\n{summary}{end}{tail}")
+    readme.write_text(f"{head}{start}\n{text}{end}{tail}")
 
 
 def check_publishing(readmes: tuple[Path, ...], subset: bool) -> None:
@@ -96,9 +98,9 @@ def output_dirs(results_dir: Path, figures_dir: Path, experiments: list[str] | N
 
 
 def write_summary(summary: str, summary_dir: Path, tables: dict[str, pd.DataFrame],
-                  readmes: tuple[Path, ...]) -> list[Path]:
-    """summary.md (and ``tables`` as summary_<name>.csv) in ``summary_dir``, the summary into each README's block;
-    the files written."""
+                  readmes: tuple[Path, ...], headline: str = "") -> list[Path]:
+    """summary.md (and ``tables`` as summary_<name>.csv) in ``summary_dir``, the headline (its first screen) into
+    each README's ``headline`` block; the files written."""
     summary_dir.mkdir(parents=True, exist_ok=True)
     (summary_dir / "summary.md").write_text(summary)
     written = [summary_dir / "summary.md"]
@@ -107,5 +109,5 @@ def write_summary(summary: str, summary_dir: Path, tables: dict[str, pd.DataFram
         written.append(summary_dir / f"summary_{name}.csv")
     for readme in readmes:
         if readme.exists():
-            embed_in_readme(readme, summary)
+            embed_in_readme(readme, "headline", headline)
     return written

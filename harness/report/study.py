@@ -25,6 +25,7 @@ from harness.report.study_speed import published_comparison, speed_layers
 from harness.tables import markdown_table
 
 STUDY_EXPERIMENT = "study-fair-bsz48"
+STUDY_HEADING = f"The study's headline: the published RWKV-vs-FLA gaps by cause ({STUDY_EXPERIMENT})"
 BASELINE = ("rwkv_jit", "shared", "by_role")
 PUBLISHED_BASELINE = "rwkv"  # the published losses are against RWKV-LM without JIT (its speed: with and without)
 
@@ -133,7 +134,7 @@ def study_markdown(results_dir: Path, steps: pd.DataFrame, throughput: pd.DataFr
     causes = cause_table(steps, published_comparison(results_dir))
     speeds = speed_layers(results_dir, throughput, bench, STUDY_EXPERIMENT)
     return [
-        f"### The study's headline: the published RWKV-vs-FLA gaps by cause ({STUDY_EXPERIMENT})",
+        f"### {STUDY_HEADING}",
         f"Loss gap to `rwkv_jit` from shared weights with fair optimizer groups: per seed the difference of the mean "
         f"loss over the last {LAST_STEPS} steps (same seed: same init and batches), then their mean (`loss_gap`), "
         f"its 95% t-interval (`ci95`: half-width) and two one-sided t-tests against a margin of ±{MARGIN} nats, "
