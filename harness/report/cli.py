@@ -25,10 +25,10 @@ from harness.report.bench_tables import (
     overhead_markdown,
     with_bare_ratio,
 )
+from harness.report.headline import headline_markdown
 from harness.report.load import load_runs, select_runs
 from harness.report.plots import draw_figures, use_report_style
 from harness.report.publish import check_publishing, output_dirs, summary_markdown, write_summary
-from harness.report.headline import headline_markdown
 from harness.report.study import cause_table, study_markdown
 from harness.report.study_speed import published_comparison
 from harness.synthetic.report import synthetic_markdown

@@ -74,8 +74,9 @@ def _matching(losses: pd.DataFrame, impl: str, init: str, grouping: str) -> pd.D
 
 def paired_gaps(losses: pd.DataFrame, cause: Cause) -> pd.DataFrame:
     """Per seed, the cause's run minus the baseline's run of the same seed and every curve key the cause does not
-    change (on any GPU model: not a curve key, :mod:`harness.report.arms`), over runs of equal length (``seed``, ``steps``, the cause's ``loss``, ``gap``). Where several
-    arms match the cause (another accel, length...), the one with the most such pairs."""
+    change (on any GPU model: not a curve key, :mod:`harness.report.arms`), over runs of equal length (``seed``,
+    ``steps``, the cause's ``loss``, ``gap``, ``gpus``: the arm's / the baseline's GPU model). Where several arms
+    match the cause (another accel, length...), the one with the most such pairs."""
     shared = [key for key in losses.columns if key not in {*PAIRED_APART, "gpu", "run_id", "steps", "loss"}]
     arm = _matching(losses, cause.impl, cause.init, cause.grouping)
     pairs = arm.merge(_matching(losses, *BASELINE), on=shared, suffixes=("", "_base"))
