@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra._internal.utils import get_args_parser
@@ -18,6 +19,9 @@ from omegaconf import DictConfig
 
 from harness.config import CONF_DIR, check_overrides
 from harness.errors import exit_on_user_error
+
+if TYPE_CHECKING:
+    from harness.training.trainer import RunOutcome
 
 CONFIG_NAME = "config"
 
@@ -40,11 +44,23 @@ def _main(cfg: DictConfig) -> None:
         print(f"run already complete at step {outcome.final_step}: {where} (overwrite=true to start again)")
         return
     if outcome.status == "interrupted":
-        print(f"interrupted at step {outcome.final_step}; rerun the same command to resume: {where}")
+        print(interrupted_line(outcome))
         sys.exit(128 + (outcome.stop_signal or signal.SIGINT))  # the shell's code for the signal: 130, 143
     kt = outcome.summary.get("kt_per_s")
     rate = f"{format_throughput(kt)} over {outcome.summary['timed_steps']} timed steps" if kt else "no timed steps"
     print(f"done: {outcome.final_step} steps, {rate}; results in {where}")
+
+
+def interrupted_line(outcome: RunOutcome) -> str:
+    """What an interrupted run kept and how to go on, in one line."""
+    where = outcome.run_dir.path
+    if not outcome.stopped_at_once:
+        return f"interrupted at step {outcome.final_step}; rerun the same command to resume: {where}"
+    stopped = f"stopped at once at step {outcome.final_step} (a second stop signal)"
+    if outcome.resume_step is None:
+        return f"{stopped}, before any checkpoint: nothing to resume; rerun the same command to start again: {where}"
+    return (f"{stopped}; kept the checkpoint of step {outcome.resume_step} and the steps.csv rows up to it; rerun the "
+            f"same command to resume from step {outcome.resume_step}: {where}")
 
 
 def main() -> None:
