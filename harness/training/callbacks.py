@@ -392,6 +392,12 @@ class _ShowsLastRow:
         """The Rich bar's label: "train", not "Epoch 0/-2" (a run is one epoch without end, max_epochs=-1)."""
         return "train"
 
+    @property
+    def total_train_batches(self) -> int:
+        """The run's steps. The bar counts the step in the run's one epoch (:class:`harness.data.binidx.ResumeSampler`
+        keeps it the whole run), where Lightning's total is the steps left: 200/168 at the end of a resumed run."""
+        return self.trainer.max_steps
+
 
 def progress_bar(refresh_steps: int, recorder: StepRecorder) -> Callback:
     """Lightning's own choice of bar (Rich when installed), redrawn every ``refresh_steps`` steps: drawing costs host
