@@ -118,8 +118,9 @@ def test_run_overrides_are_checked_against_the_selected_groups() -> None:
         check_overrides("config", ["impl=fla,reference", "impl.fuse_norm=true"], multirun=True)
 
 
-def test_run_sweeps_are_checked_value_by_value() -> None:
-    check_command_line(["-m", "impl=reference", "init=shared,native", "trainer.max_steps=10,20", "seed=range(2)"])
+def test_run_sweeps_are_checked_value_by_value(tmp_path: Path) -> None:
+    check_command_line(["-m", "impl=reference", "model=tiny", "init=shared,native", "trainer.max_steps=10,20",
+                        "seed=range(2)", f"results_dir={tmp_path}"])  # each job planned too: a model that fits
     with pytest.raises(HarnessError, match="gives several values"):
         check_command_line(["impl=reference", "init=shared,native"])  # a sweep needs -m
     with pytest.raises(HarnessError, match="unknown init 'nope'"):
