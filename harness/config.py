@@ -32,6 +32,19 @@ _EXPECTED = {bool: ("a bool (true or false)", "bools (true or false)"), int: ("a
              list: ("a list", "lists")}
 
 
+def data_name(path: str | None) -> str:
+    """The name of the data at ``path`` (``data.name`` of conf/data/sample.yaml, hence the experiment's): ``sample``
+    for the bundled sample (no path), else the file's own name without .bin/.idx, so that a run on
+    ``data.path=data/mine`` is the experiment ``<model>-mine``, apart from the sample's."""
+    if path in (None, "", "sample"):
+        return "sample"
+    name = Path(str(path)).name
+    return name.rsplit(".", 1)[0] if name.endswith((".bin", ".idx")) else name
+
+
+OmegaConf.register_new_resolver("data_name", data_name)
+
+
 def check_overrides(config_name: str, overrides: list[str], multirun: bool = False,
                     conf_dir: Path = CONF_DIR) -> None:
     """Raise a one-line HarnessError for an override that names an unknown key or group option, gives a value

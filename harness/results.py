@@ -15,7 +15,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,27 +180,35 @@ def kept_steps(path: Path, start_step: int) -> list[dict]:
     try:
         with path.open(newline="") as f:
             reader = csv.DictReader(f)
-            rows = list(reader)
             columns = reader.fieldnames or []
+            if not columns:
+                raise refuse("is empty")
+            if "step" not in columns or not set(columns) <= set(STEP_COLUMNS):
+                raise refuse(f"has the columns {columns} instead of {list(STEP_COLUMNS)}")
+            kept = _rows_before(reader, start_step, refuse)
     except FileNotFoundError:
         raise refuse("is missing") from None
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise refuse(f"is unreadable ({type(exc).__name__}: {exc})") from None
-    if not columns:
-        raise refuse("is empty")
-    if "step" not in columns or not set(columns) <= set(STEP_COLUMNS):
-        raise refuse(f"has the columns {columns} instead of {list(STEP_COLUMNS)}")
-    kept = []
-    for line, row in enumerate(rows, start=2):
-        if None in row or None in row.values() or not row["step"].isdigit():
-            raise refuse(f"has a malformed line {line}")
-        if int(row["step"]) < start_step:
-            kept.append(row)
     steps = [int(row["step"]) for row in kept]
     if steps != list(range(start_step)):
         missing = sorted(set(range(start_step)) - set(steps))
         problem = f"lacks step {missing[0]}" if missing else "repeats or misorders steps"
         raise refuse(f"{problem} of the {start_step} steps the checkpoint holds")
+    return kept
+
+
+def _rows_before(reader: csv.DictReader, start_step: int, refuse: Callable[[str], HarnessError]) -> list[dict]:
+    """The rows of steps below ``start_step``, read up to the last of them: the rows past it are replaced on resume, so
+    one a kill tore mid-write (the log's last) is never read."""
+    kept: list[dict] = []
+    for line, row in enumerate(reader, start=2):
+        if len(kept) == start_step:
+            break
+        if None in row or None in row.values() or not row["step"].isdigit():
+            raise refuse(f"has a malformed line {line}")
+        if int(row["step"]) < start_step:
+            kept.append(row)
     return kept
 
 

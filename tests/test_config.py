@@ -11,7 +11,7 @@ from helpers import assert_one_line_user_error, assert_process_user_error, run_m
 
 from harness.bench import decoding, parity, step, wkv_op
 from harness.bench.cli import bench_config, main
-from harness.config import CONF_DIR, check_overrides
+from harness.config import CONF_DIR, check_overrides, compose_config
 from harness.errors import HarnessError
 from harness.run import check_command_line
 
@@ -118,8 +118,9 @@ def test_run_overrides_are_checked_against_the_selected_groups() -> None:
         check_overrides("config", ["impl=fla,reference", "impl.fuse_norm=true"], multirun=True)
 
 
-def test_run_sweeps_are_checked_value_by_value() -> None:
-    check_command_line(["-m", "impl=reference", "init=shared,native", "trainer.max_steps=10,20", "seed=range(2)"])
+def test_run_sweeps_are_checked_value_by_value(tmp_path: Path) -> None:
+    check_command_line(["-m", "impl=reference", "model=tiny", "init=shared,native", "trainer.max_steps=10,20",
+                        "seed=range(2)", f"results_dir={tmp_path}"])  # each job planned too: a model that fits
     with pytest.raises(HarnessError, match="gives several values"):
         check_command_line(["impl=reference", "init=shared,native"])  # a sweep needs -m
     with pytest.raises(HarnessError, match="unknown init 'nope'"):
@@ -147,3 +148,16 @@ def test_bench_configs_are_no_groups_of_the_training_config() -> None:
     """The step benchmark's ``impl`` key would read as the ``impl`` config group if conf/ were its search path."""
     assert (CONF_DIR / "impl").is_dir() and (CONF_DIR / "bench" / "step.yaml").is_file()
     assert bench_config("step", ["impl=fla"], step.StepConfig).impl == "fla"
+
+
+@pytest.mark.parametrize("overrides, experiment", [
+    ([], "L12-D768-sample"),
+    (["data.path=data/mine"], "L12-D768-mine"),
+    (["data.path=/somewhere/else/mine.bin"], "L12-D768-mine"),
+    (["model=tiny", "data.path=data/mine"], "tiny-mine"),
+    (["data=corpus"], "L12-D768-corpus"),
+    (["data.path=data/mine", "data.name=ours"], "L12-D768-ours"),
+])
+def test_a_run_on_own_data_is_named_after_its_path(overrides, experiment):
+    """Not ``sample``: a run on data.path=data/mine would otherwise share the quick start's experiment folder."""
+    assert compose_config("config", overrides).experiment == experiment

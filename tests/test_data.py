@@ -324,8 +324,28 @@ def test_prepare_bad_input_is_one_line_and_writes_nothing(tmp_path, tokenizer, n
     elif content is not None:
         (tmp_path / name).write_bytes(content)
     before = set(tmp_path.iterdir())
-    proc = run_cli("prepare", str(good), str(tmp_path / name), "--out", str(tmp_path / "out"))
+    proc = run_cli("prepare", str(good), str(tmp_path / name), "--out", str(tmp_path / "new" / "folder" / "out"))
     assert_process_user_error(proc, fragment)
+    assert set(tmp_path.iterdir()) == before  # nor the output folder it would have made
+
+
+def test_prepare_makes_its_output_folder(tmp_path, tokenizer):
+    """The README's own-data recipe, ``prepare a.txt --out data/mine``, where data/ does not exist yet."""
+    (tmp_path / "a.txt").write_text("Some text of my own. " * 50)
+    proc = run_cli("prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "data" / "mine"), "--ctx-len", "16")
+    assert proc.returncode == 0, proc.stderr
+    assert BinIdx(tmp_path / "data" / "mine").num_documents == 1
+
+
+@pytest.mark.parametrize("command", ["prepare", "info"])
+@pytest.mark.parametrize("ctx_len", ["0", "-5"])
+def test_a_ctx_len_below_one_is_one_line_and_writes_nothing(tmp_path, command, ctx_len):
+    (tmp_path / "a.txt").write_text("Some text of my own.")
+    write_binidx(tmp_path / "d", [np.arange(100, dtype=np.uint16)])
+    before = set(tmp_path.iterdir())
+    args = [str(tmp_path / "a.txt"), "--out", str(tmp_path / "mine")] if command == "prepare" else [str(tmp_path / "d")]
+    proc = run_cli(command, *args, "--ctx-len", ctx_len)
+    assert_process_user_error(proc, f"--ctx-len must be positive, got {ctx_len}")
     assert set(tmp_path.iterdir()) == before
 
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import REPO, assert_process_user_error, run_module
 
@@ -238,3 +239,97 @@ def test_overwrite_with_new_dimensions_validates_first_and_keeps_the_old_run(cle
     assert record["replaced_run"]["moved_to"] == str(kept)
     assert record["init"]["key"]["n_embd"] == "128" and record["init"]["file"] == str(init)
     assert [int(r["step"]) for r in read_rows(run / "steps.csv")] == [0, 1]
+
+
+# --- interrupted runs: Ctrl-C once and twice, the data changed under a run, a torn last row -------------------------
+
+# `python -m harness.run` with Ctrl-C pressed `presses` times during step `at_step` (signal.raise_signal runs the
+# handler before it returns, so each press is handled before the next, as a person's presses are).
+CTRL_C_AT = """import signal, sys
+from harness.run import main
+from harness.training.trainer import LitRWKV
+at_step, presses = int(sys.argv.pop(1)), int(sys.argv.pop(1))
+training_step = LitRWKV.training_step
+
+def pressed_during(self, batch, batch_idx):
+    if self.global_step == at_step:
+        for _ in range(presses):
+            signal.raise_signal(signal.SIGINT)
+    return training_step(self, batch, batch_idx)
+
+LitRWKV.training_step = pressed_during
+sys.argv[0] = "harness.run"
+main()
+"""
+
+
+def ctrl_c_at(results: Path, step: int, presses: int, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", CTRL_C_AT, str(step), str(presses), f"results_dir={results}", *RUN,
+                           *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def own_data(prefix: Path, seed: int) -> str:
+    """A binidx pair of random token ids at ``prefix`` (rewritten in place); its .bin's sha256."""
+    from harness.data.binidx import write_binidx
+    from harness.results import file_sha256
+
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    write_binidx(prefix, [np.random.default_rng(seed).integers(0, 65536, 20_000).astype(np.uint16)])
+    return file_sha256(Path(f"{prefix}.bin"))
+
+
+def test_a_run_resumes_only_on_the_data_it_started_on_and_records_each_segment(tmp_path):
+    """Interrupted at step 4 on data/mine, then data/mine rebuilt from other text: the resume is refused in one line
+    naming both digests and touches nothing; on the first data again it resumes, and run.json keeps both segments."""
+    results, prefix = tmp_path / "results", tmp_path / "data" / "mine"
+    first = own_data(prefix, seed=1)
+    on_mine = f"data.path={prefix}"
+    stopped = ctrl_c_at(results, 3, 1, on_mine)
+    assert stopped.returncode == 130 and "interrupted at step 4" in stopped.stdout, stopped.stderr[-2000:]
+    (run,) = results.glob("*/reference-shared-bsz2-seed0")
+    assert run.parent.name == "tiny-mine"  # named after its data, not the sample's
+    before = snapshot(run, LOCK_NAME)
+
+    rebuilt = own_data(prefix, seed=2)
+    assert_process_user_error(harness_run(results, on_mine), f"sha256 {first}, and {prefix}.bin now has sha256 "
+                                                              f"{rebuilt}")
+    assert snapshot(run, LOCK_NAME) == before
+
+    assert own_data(prefix, seed=1) == first
+    proc = harness_run(results, on_mine)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "completed" and record["resumed_from"] == [4]
+    assert [(s["start_step"], s["data_sha256"], s["environment"]) for s in record["segments"]] == [
+        (0, first, 0), (4, first, 1)]
+    assert len(record["environment"]) == 2  # still a list, one entry per segment
+    assert all(s["git_commit"] == record["environment"][s["environment"]]["git"]["commit"] for s in record["segments"])
+
+
+def test_a_second_ctrl_c_stops_at_once_exits_130_and_says_what_was_kept(tmp_path):
+    results = tmp_path / "results"
+    proc = ctrl_c_at(results, 3, 2)  # checkpoints at steps 2, 4, ...: step 3 stops before the one of step 4
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("stopped at once")]
+    assert line.startswith("stopped at once at step 3 (a second stop signal); kept the checkpoint of step 2 and the "
+                           "steps.csv rows up to it; rerun the same command to resume from step 2: "), line
+    record = json.loads((run_dir(results) / "run.json").read_text())
+    assert record["status"] == "interrupted" and record["final_step"] == 3
+    assert checkpointed_step(run_dir(results)) == 2
+    resumed = harness_run(results)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((run_dir(results) / "run.json").read_text())["resumed_from"] == [2]
+
+
+def test_a_torn_row_past_the_last_checkpoint_does_not_block_resume(tmp_path):
+    """A kill mid-write leaves a cut last row; it lies past the checkpoint, so it is dropped with the rows around it."""
+    from harness.results import STEP_COLUMNS, kept_steps
+
+    rows = [",".join([str(step), *["1"] * (len(STEP_COLUMNS) - 1)]) for step in range(8)]
+    steps = tmp_path / "steps.csv"
+    steps.write_text("\n".join([",".join(STEP_COLUMNS), *rows, "8,12"]) + "\n")
+    assert [row["step"] for row in kept_steps(steps, 6)] == [str(step) for step in range(6)]
+    assert len(kept_steps(steps, 8)) == 8
+    with pytest.raises(HarnessError, match="has a malformed line 10"):
+        kept_steps(steps, 9)  # the torn row is one the checkpoint needs

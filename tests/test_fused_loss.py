@@ -15,6 +15,7 @@ from harness.model.fused_loss import (
     fused_head_loss,
     head_loss,
 )
+from harness.model.l2wrap import l2wrap_grad
 from harness.model.rwkv import lm_loss
 
 N, C, V, CHUNK = 37, 16, 101, 8  # 37 rows in chunks of 8: four full chunks and a ragged one of 5
@@ -79,17 +80,28 @@ def test_head_loss_reshapes_batch_and_time() -> None:
 
 
 def test_grad_output_scales_the_whole_gradient() -> None:
+    """A loss scaled by 3 (as 16-mixed's loss scaling does) has exactly 3x the gradient, L2Wrap's term included, in
+    the fused op and in the eager loss alike."""
     x, w, targets = inputs(scale=20.0)
     once, thrice = run(fused(), x, w, targets), run(fused(), x, w, targets, grad_output=3.0)
     for name in ("grad_x", "grad_w"):
         assert torch.equal(thrice[name], 3.0 * once[name]), f"{name}: grad_output=3 is not exactly 3x grad_output=1"
-    # Here the fused op deliberately departs from the harness's eager L2Wrap, which adds its term unscaled by
-    # grad_output (upstream RWKV-LM later fixed that): only the cross-entropy part of eager's gradient triples.
-    eager_thrice = run(eager, x, w, targets, grad_output=3.0)
-    assert rel_err(thrice["grad_w"], eager_thrice["grad_w"]) > 1e3 * FP64_TOL
-    eager_once = run(eager, x, w, targets)
-    assert_close({k: thrice[k] for k in ("grad_x", "grad_w")},
-                 {k: 3.0 * eager_once[k] for k in ("grad_x", "grad_w")}, FP64_TOL)
+    eager_once, eager_thrice = run(eager, x, w, targets), run(eager, x, w, targets, grad_output=3.0)
+    grads = ("grad_x", "grad_w")
+    assert_close({k: eager_thrice[k] for k in grads}, {k: 3.0 * eager_once[k] for k in grads}, FP64_TOL)
+    assert_close({k: thrice[k] for k in grads}, {k: eager_thrice[k] for k in grads}, FP64_TOL)
+
+
+def test_l2wrap_term_is_the_one_function_everywhere() -> None:
+    """The eager loss's L2Wrap term is :func:`l2wrap_grad`: its logit gradient minus plain cross-entropy's."""
+    x, w, targets = inputs(scale=5.0)
+    logits = (x @ w.T).unsqueeze(0)
+    with_l2wrap, plain = (logits.detach().clone().requires_grad_() for _ in range(2))
+    (2.0 * lm_loss(with_l2wrap, targets.unsqueeze(0))).backward()
+    (2.0 * F.cross_entropy(plain[0], targets)).backward()
+    term = l2wrap_grad(logits.detach(), torch.tensor(2.0 / N, dtype=logits.dtype))
+    assert_close({"term": with_l2wrap.grad - plain.grad}, {"term": term}, FP64_TOL)
+    assert torch.equal(term[0].nonzero()[:, 1], logits[0].argmax(-1))  # one entry per row, at its argmax
 
 
 @pytest.mark.parametrize("scale", [1.0, 20.0])
@@ -169,3 +181,45 @@ def test_compiled_chunk_function_matches_eager() -> None:
     got, want = _compiled_chunk_loss_and_grad()(logits, targets, inv_n), _chunk_loss_and_grad(logits, targets, inv_n)
     assert_close({"loss": got[0], "grad": got[1]}, {"loss": want[0], "grad": want[1]}, 1e-6)
     assert got[1].dtype == torch.bfloat16
+
+
+def under_autocast(loss_fn):
+    """``loss_fn`` under CPU autocast to bf16, as Lightning's ``trainer.precision=bf16-mixed`` runs a step."""
+    def autocast_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return loss_fn(x, w, targets)
+
+    return autocast_loss
+
+
+def eager_linear(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The eager model's head and loss: a Linear (which autocast runs in bf16), then :func:`lm_loss`."""
+    return lm_loss(F.linear(x, w).unsqueeze(0), targets.unsqueeze(0))
+
+
+@pytest.mark.parametrize("scale", [1.0, 20.0])
+def test_under_autocast_matches_the_eager_head_under_autocast(scale: float) -> None:
+    """fp32 weights and hidden states under bf16 autocast: both paths make the logits in bf16 from bf16 casts of the
+    same inputs (the same loss), reduce in fp32, round the logits' gradient to bf16, and hand fp32 gradients back.
+    They differ only in where the matmuls' bf16 rounding of grad_x and grad_W falls (chunked, grad_W summed in fp32
+    over chunks), so they agree to a few bf16 units in the last place (2^-8 = 0.4% relative): within 1%; each is
+    within bf16's 2e-2 of the fp64 oracle."""
+    x, w, targets = inputs(scale, dtype=torch.float32)
+    got, want = run(under_autocast(fused()), x, w, targets), run(under_autocast(eager_linear), x, w, targets)
+    assert got["loss"].dtype == torch.float32 and got["grad_x"].dtype == got["grad_w"].dtype == torch.float32
+    assert got["loss"].item() == pytest.approx(want["loss"].item(), rel=1e-6)
+    assert_close(got, want, 1e-2, label=f"fused vs eager under autocast, scale {scale}")
+    oracle = run(eager, x.double(), w.double(), targets)
+    assert_close(got, oracle, 2e-2, label=f"fused under autocast vs fp64, scale {scale}")
+
+
+def test_under_autocast_compiles_whole_and_as_eager() -> None:
+    """torch.compile over the fused head loss under autocast (``accel.compile`` with bf16-mixed): no graph break, and
+    the compiled loss and gradients equal the uncompiled ones under the same autocast."""
+    x, w, targets = inputs(5.0, dtype=torch.float32)
+    step = under_autocast(fused())
+    explained = torch._dynamo.explain(step)(x, w, targets)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    assert_close(run(compiled, x, w, targets), run(step, x, w, targets), 1e-6)

@@ -132,17 +132,17 @@ FIXTURE_CHECKOUT = Path(__file__).parent / "fixtures" / "rwkv_lm_checkout" / "RW
 
 def fixture_checkout(head_size: int = CFG.head_size) -> Implementation:
     """impl=rwkv_lm on tests/fixtures/rwkv_lm_checkout: an RWKV-LM-shaped src/model.py written from the spec apart
-    from the harness (it imports nothing of it), so the adapter is checked against RWKV-LM's values, not the harness's
-    reference against itself."""
+    from the harness (of it, it imports only the one L2Wrap term), so the adapter is checked against RWKV-LM's values,
+    not the harness's reference against itself."""
     return impls.get("rwkv_lm", path=str(FIXTURE_CHECKOUT), head_size=head_size)
 
 
-def test_the_fixture_checkout_imports_nothing_of_the_harness() -> None:
+def test_the_fixture_checkout_imports_nothing_of_the_harness_but_the_l2wrap_term() -> None:
     tree = ast.parse((FIXTURE_CHECKOUT / "src" / "model.py").read_text())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert imported == {"math", "os", "torch"}
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert {name.split(".")[0] for name in imported} == {"math", "os", "torch", "harness"}
+    assert {name for name in imported if name.startswith(("harness", "impls"))} == {"harness.model.l2wrap"}
 
 
 def test_rwkv_lm_adapter_on_the_fixture_checkout_matches_rwkv_lm_in_fp64(golden: dict[str, torch.Tensor]) -> None:

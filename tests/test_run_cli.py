@@ -256,10 +256,13 @@ def test_compiled_fused_run_trains_as_the_eager_run(tmp_path):
 
 
 @pytest.mark.gpu
-def test_graphed_compiled_run_trains_as_the_eager_run_on_a_gpu(tmp_path):
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+def test_graphed_compiled_run_trains_as_the_eager_run_on_a_gpu(tmp_path, precision):
+    """Under bf16-true and under bf16-mixed (autocast around the captured step), the accelerated run follows the eager
+    run of the same precision."""
     import json
 
-    plain = [*SMALL, "impl=rwkv", "trainer=gpu", "trainer.strategy=single_device", "trainer.precision=bf16-true",
+    plain = [*SMALL, "impl=rwkv", "trainer=gpu", "trainer.strategy=single_device", f"trainer.precision={precision}",
              "trainer.max_steps=30", "trainer.ckpt_every=0"]
     losses = {}
     for label, accel in (("eager", []), ("compile+fused_loss+cuda_graph",

@@ -272,3 +272,15 @@ def test_manual_gc_collects_the_young_generation_every_n_steps_and_gives_gc_back
     finally:
         gc.callbacks.remove(record)
         gc.enable()
+
+
+@pytest.mark.parametrize("resumed_at", [0, 32])
+def test_the_progress_bar_shows_step_of_the_runs_steps_after_a_resume(resumed_at):
+    """The bar shows the global step (batch_idx + 1 in the run's one epoch) over the run's steps, 200/200 at the end
+    of a run resumed at step 32, not Lightning's steps left (200/168)."""
+    from harness.training.callbacks import progress_bar
+
+    bar = progress_bar(1, recorder=None)
+    bar._trainer = types.SimpleNamespace(max_steps=200, global_step=resumed_at, num_training_batches=200,
+                                         max_epochs=-1)
+    assert bar.total_train_batches == 200

@@ -16,7 +16,7 @@ import math
 import os
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -435,15 +435,29 @@ def _magic_prime_line(num_tokens: int, ctx_len: int) -> str:
         return f"magic_prime for ctx_len {ctx_len}: none ({exc})"
 
 
+@contextmanager
+def _output_folder(folder: Path) -> Iterator[None]:
+    """``folder``, made with its missing parents, and removed again with them when what writes into it fails (a
+    failed prepare leaves nothing behind)."""
+    made = [path for path in (folder, *folder.parents) if not path.exists()]  # the deepest first
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for path in made:
+            with suppress(OSError):
+                path.rmdir()
+        raise
+
+
 def _prepare(inputs: Sequence[Path], out: Path, ctx_len: int) -> None:
     from tqdm import tqdm
 
     _check_inputs(inputs)
-    if not out.parent.is_dir():
-        raise DataError(f"{out.parent}: output directory does not exist")
     tokenizer = load_world_tokenizer()
     total = sum(path.stat().st_size for path in inputs)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=None) as bar:
+    with _output_folder(out.parent), tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing",
+                                          disable=None) as bar:
         docs = (np.array([*tokenizer.encode(text), END_OF_DOCUMENT], dtype=np.uint16)
                 for text in read_documents(inputs, bar.update) if text)
         write_binidx(out, docs)
@@ -464,13 +478,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", help="tokenize .txt/.jsonl files into a binidx pair")
     prep.add_argument("inputs", nargs="+", type=Path, metavar="INPUT")
-    prep.add_argument("--out", required=True, type=Path, help="output prefix (writes PATH.bin and PATH.idx)")
+    prep.add_argument("--out", required=True, type=Path,
+                      help="output prefix (writes PATH.bin and PATH.idx, making PATH's folder where it is missing)")
     prep.add_argument("--ctx-len", type=int, default=512)
     info = sub.add_parser("info", help="print the size and magic prime of a binidx pair")
     info.add_argument("path", type=Path, help="binidx prefix (or its .bin/.idx)")
     info.add_argument("--ctx-len", type=int, default=512)
     args = parser.parse_args(argv)
     with exit_on_user_error():
+        if args.ctx_len < 1:
+            raise DataError(f"--ctx-len must be positive, got {args.ctx_len}")
         try:
             if args.command == "prepare":
                 _prepare(args.inputs, args.out, args.ctx_len)

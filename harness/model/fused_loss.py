@@ -11,8 +11,8 @@ The gradients are computed in the forward, as cut-cross-entropy and Liger's fuse
 would otherwise have to recompute every chunk's logits, one more [N, C] x [C, V] matmul. That is exact because the
 loss is a scalar, so its gradient is the one for ``grad_output == 1`` times ``grad_output``; the backward only scales
 the saved grad_x [N, C] and grad_W [V, C], which are V/C and N/C times smaller than the logits. The scaling covers the
-L2Wrap term too, as in upstream RWKV-LM's later fix, where :class:`harness.model.rwkv.L2Wrap` leaves it unscaled: the
-two agree only when ``grad_output == 1``. The price is that a forward without grad still pays for the gradients.
+L2Wrap term too (:func:`harness.model.l2wrap.l2wrap_grad`, scaled by the incoming gradient in the eager loss as well).
+The price is that a forward without grad still pays for the gradients.
 
 The op is the custom op ``rwkv_harness::fused_head_loss`` (with a fake and an autograd registration), so torch.compile
 over a whole model keeps it as one opaque node, without graph breaks.
@@ -26,10 +26,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["fused_head_loss", "head_loss"]
+from harness.model.l2wrap import l2wrap_grad
 
-L2WRAP_FACTOR = 1e-4
-"""RWKV-LM's L2Wrap: each position's max logit times this, over N, is added to the gradient at its argmax."""
+__all__ = ["fused_head_loss", "head_loss"]
 
 ChunkFn = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
@@ -48,11 +47,9 @@ def _chunk_loss_and_grad(logits_c: Tensor, targets_c: Tensor, inv_n: Tensor) -> 
     target = targets_c.unsqueeze(-1)
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
     loss = (lse - logits.gather(-1, target)).sum() * inv_n
-    max_logit, argmax = torch.max(logits, dim=-1, keepdim=True)
     cols = torch.arange(logits.shape[-1], device=logits.device)
-    grad = (torch.exp(logits - lse) - (cols == target).to(logits.dtype)
-            + torch.where(cols == argmax, max_logit * L2WRAP_FACTOR, 0.0))
-    return loss, (grad * inv_n).to(logits_c.dtype)
+    grad = (torch.exp(logits - lse) - (cols == target).to(logits.dtype)) * inv_n + l2wrap_grad(logits, inv_n)
+    return loss, grad.to(logits_c.dtype)
 
 
 @functools.cache
@@ -111,9 +108,23 @@ _fused_head_loss_op.register_autograd(_backward, setup_context=_setup_context)
 def fused_head_loss(x: Tensor, weight: Tensor, targets: Tensor, chunk_tokens: int = 8192) -> Tensor:
     """Mean cross-entropy of ``x @ weight.T`` ([N, C] x [V, C]) against ``targets`` [N], with L2Wrap's gradient term,
     without materialising the [N, V] logits; ``chunk_tokens`` rows of logits exist at a time. Returns the scalar loss
-    in fp32 (fp64 for fp64 inputs). Every target must be a class index in [0, V): there is no ignore_index."""
+    in fp32 (fp64 for fp64 inputs). Every target must be a class index in [0, V): there is no ignore_index. Under
+    autocast the logits and their gradient are in autocast's dtype, as the eager head's are, and the reductions in
+    fp32; the gradients of ``x`` and ``weight`` come back in their own dtypes."""
+    x, weight = _cast_as_autocast_would(x, weight)
     _check(x, weight, targets, chunk_tokens)
-    return _fused_head_loss_op(x, weight, targets, chunk_tokens)[0]
+    with torch.autocast(x.device.type, enabled=False):  # the op computes in its inputs' dtypes, as documented
+        return _fused_head_loss_op(x, weight, targets, chunk_tokens)[0]
+
+
+def _cast_as_autocast_would(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Under autocast (``trainer.precision=bf16-mixed``, ``16-mixed``): ``x`` and ``weight`` in autocast's dtype, as
+    it casts the inputs of the eager head's matmul; autograd casts their gradients back to their own dtypes."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return x, weight
+    dtype = torch.get_autocast_dtype(device)
+    return x.to(dtype), weight.to(dtype)
 
 
 def head_loss(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_tokens: int = 8192) -> Tensor:

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.model.fused_loss import L2WRAP_FACTOR, head_loss
+from harness.model.fused_loss import head_loss
+from harness.model.l2wrap import l2wrap_grad
 from impls.base import Implementation, NameMap, Transform, to_canonical, to_native
 
 
@@ -60,7 +61,8 @@ class Block(nn.Module):
 
 
 class L2Wrap(torch.autograd.Function):
-    """Identity on the loss; in backward adds 1e-4 * max_logit / (B*T) at each position's argmax (spec §3.6)."""
+    """Identity on the loss; in backward adds grad_output * 1e-4 * max_logit / (B*T) at each position's argmax
+    (spec §3.6, :func:`harness.model.l2wrap.l2wrap_grad`)."""
 
     @staticmethod
     def forward(ctx, loss: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -70,10 +72,8 @@ class L2Wrap(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (logits,) = ctx.saved_tensors
-        factor = L2WRAP_FACTOR / (logits.shape[0] * logits.shape[1])
-        maxx, ids = torch.max(logits, -1, keepdim=True)
-        glogits = torch.zeros_like(logits).scatter_(-1, ids, maxx * factor)
-        return grad_output, glogits
+        positions = logits.numel() // logits.shape[-1]
+        return grad_output, l2wrap_grad(logits, grad_output / positions)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, impl: Implementation | None = None) -> torch.Tensor:

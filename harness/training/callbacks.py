@@ -26,12 +26,21 @@ from harness.results import RunDir, StepLog, portable_path
 from harness.tables import format_throughput
 from harness.training.optim import LRSchedule, set_lr
 
-# The signals that stop a run cleanly (finish the step, checkpoint, exit), each with the handler a second one meets.
-STOP_SIGNALS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+# The signals that stop a run cleanly (finish the step, checkpoint, exit); a second one stops it at once.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class NonFiniteLoss(HarnessError):
     pass
+
+
+class StoppedAtOnce(BaseException):
+    """A second stop signal: the run stops inside its step. A BaseException, as KeyboardInterrupt is, so that no
+    ``except Exception`` on the way catches it; Lightning passes it on after its callbacks' ``on_exception``."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 class LRScheduler(Callback):
@@ -298,7 +307,7 @@ class Checkpointer(Callback):
     Ctrl-C is pressed; ``every`` = 0 checkpoints on Ctrl-C only.
 
     The first Ctrl-C (or SIGTERM, as a scheduler or ``timeout`` sends it) finishes the current step, checkpoints and
-    stops; a second one interrupts at once.
+    stops; a second one stops the run at once (:class:`StoppedAtOnce`), keeping the last checkpoint.
     ``last.json`` is written only after a checkpoint is complete and the steps.csv rows of all its steps are written
     (the recorder writes every row right after a step with a checkpoint write; ``last.json`` follows at the next
     step's start or the run's end), so a crash at any moment keeps a checkpoint whose steps are all logged.
@@ -321,10 +330,10 @@ class Checkpointer(Callback):
 
     def _on_stop_signal(self, signum, frame) -> None:
         self.interrupted, self.stop_signal = True, signum
-        for number, handler in STOP_SIGNALS.items():
-            signal.signal(number, handler)  # a second signal aborts at once
+        for number in STOP_SIGNALS:
+            signal.signal(number, _stop_at_once)
         name = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
-        print(f"\n{name}: finishing this step, saving a checkpoint, then stopping (send it again to abort)")
+        print(f"\n{name}: finishing this step, saving a checkpoint, then stopping (send it again to stop at once)")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -360,6 +369,10 @@ class Checkpointer(Callback):
                     _remove(stale)
 
 
+def _stop_at_once(signum, frame) -> None:
+    raise StoppedAtOnce(signum)
+
+
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
@@ -378,6 +391,12 @@ class _ShowsLastRow:
     def _get_train_description(self, current_epoch: int) -> str:
         """The Rich bar's label: "train", not "Epoch 0/-2" (a run is one epoch without end, max_epochs=-1)."""
         return "train"
+
+    @property
+    def total_train_batches(self) -> int:
+        """The run's steps. The bar counts the step in the run's one epoch (:class:`harness.data.binidx.ResumeSampler`
+        keeps it the whole run), where Lightning's total is the steps left: 200/168 at the end of a resumed run."""
+        return self.trainer.max_steps
 
 
 def progress_bar(refresh_steps: int, recorder: StepRecorder) -> Callback:

@@ -97,8 +97,4 @@ class LRSchedule:
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        value = lr * group.get("my_lr_scale", 1.0)
-        if isinstance(group["lr"], torch.Tensor):  # a CUDA-graphed step reads its lr from the device (accel.py)
-            group["lr"].fill_(value)
-        else:
-            group["lr"] = value
+        group["lr"] = lr * group.get("my_lr_scale", 1.0)

@@ -83,6 +83,11 @@ def check_pinned_data(bin_path: Path, data_cfg: DictConfig) -> str:
     return digest
 
 
+# The precisions the trainer runs (Lightning's names): 16-mixed only on GPUs (on a CPU Lightning swaps it for bf16-mixed
+# with a warning); no 16-true (fp16 weights, in which AdamW's eps of 1e-18 is 0). Under autocast (the -mixed ones)
+# accel.fused_loss casts as autocast does, and the L2Wrap term scales with 16-mixed's loss scale (harness.model.l2wrap).
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "64-true")
+
 POSITIVE = ("bsz", "trainer.max_steps", "trainer.devices", "trainer.num_nodes", "optim.lr_init", "optim.eps")
 NOT_NEGATIVE = ("optim.lr_final", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip",
                 "trainer.ckpt_every", "trainer.timing_warmup_steps", "trainer.num_workers", "trainer.progress_every",
@@ -124,13 +129,14 @@ def plan_run(cfg: DictConfig) -> Plan:
     data_sha256 = check_pinned_data(data.bin_path, cfg.data)
     world_size = int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)
     accel = Accel.from_config(cfg.get("accel"))
+    strategy = _strategy(cfg.trainer.strategy, accelerator, world_size)
     run_id = cfg.run_id or default_run_id(impl.name, cfg.init.mode, cfg.optim.grouping, accel, cfg.bsz, cfg.seed)
     plan = Plan(
         impl=impl, model_cfg=model_cfg, run_dir=RunDir(Path(cfg.results_dir) / cfg.experiment / run_id),
         data_prefix=prefix, data_sha256=data_sha256, data_tokens=data.num_tokens, magic_prime=prime, micro_bsz=cfg.bsz,
         world_size=world_size, max_steps=int(cfg.trainer.max_steps), accelerator=accelerator,
-        strategy=_strategy(cfg.trainer.strategy, accelerator, world_size),
-        precision=_precision(cfg.trainer.precision, accelerator),
+        strategy=strategy,
+        precision=_precision(str(cfg.trainer.precision), accelerator, strategy),
         deepspeed=deepspeed_knobs(cfg.trainer.deepspeed, world_size),
         sync_free_clip=bool(cfg.trainer.sync_free_clip),
         accel=accel,
@@ -151,13 +157,18 @@ def default_run_id(impl: str, init: str, grouping: str, accel: Accel, bsz: int, 
 
 
 def _check_accel(plan: Plan) -> None:
-    """A CUDA-graphed step replays the whole step, optimizer included: one GPU, plain Lightning's own optimizer."""
+    """A CUDA-graphed step replays forward, ``loss.backward()`` and clipping (the optimizer steps after it, outside
+    the graph): a backward of its own, which only plain Lightning on one GPU leaves to it, without loss scaling."""
     plan.accel.check("cuda" if plan.accelerator == "gpu" else "cpu")
     if not plan.accel.cuda_graph:
         return
     if plan.strategy != "single_device" or plan.world_size != 1:
-        raise HarnessError("accel.cuda_graph captures the optimizer step, which DeepSpeed and DDP run outside the "
-                           f"graph; use trainer.strategy=single_device on one GPU (got {plan.strategy})")
+        raise HarnessError("accel.cuda_graph replays its own loss.backward(), which DeepSpeed (its engine runs the "
+                           "backward) and DDP (its gradient all-reduces hook into it) cannot take; use "
+                           f"trainer.strategy=single_device on one GPU (got {plan.strategy})")
+    if plan.precision == "16-mixed":
+        raise HarnessError("accel.cuda_graph replays its own loss.backward(), without 16-mixed's loss scaling; use "
+                           "trainer.precision=bf16-mixed or bf16-true")
 
 
 def check_can_create(directory: Path) -> None:
@@ -229,10 +240,18 @@ def _check_strategy(name: str, accelerator: str) -> None:
         raise HarnessError(f"unknown trainer.strategy {name!r}; known: {known}")
 
 
-def _precision(requested: str, accelerator: str) -> str:
-    if requested != "auto":
-        return requested
-    return "bf16-mixed" if accelerator == "gpu" else "32-true"
+def _precision(requested: str, accelerator: str, strategy: str) -> str:
+    """``trainer.precision``, ``auto`` resolved; one line for a precision this trainer does not run."""
+    if requested == "auto":
+        return "bf16-mixed" if accelerator == "gpu" else "32-true"
+    if requested not in PRECISIONS:
+        raise HarnessError(f"trainer.precision must be auto or one of {', '.join(PRECISIONS)}, got {requested!r}")
+    if requested == "16-mixed" and accelerator != "gpu":
+        raise HarnessError("trainer.precision=16-mixed (fp16 autocast) needs a CUDA GPU; on a CPU use bf16-mixed")
+    if requested == "64-true" and deepspeed_stage(strategy) is not None:
+        raise HarnessError(f"trainer.precision=64-true does not run under DeepSpeed ({strategy}); use "
+                           "trainer.strategy=single_device")
+    return requested
 
 
 def deepspeed_stage(strategy: str) -> int | None:

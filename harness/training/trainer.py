@@ -44,6 +44,7 @@ from harness.training.callbacks import (
     StepClock,
     StepProfiler,
     StepRecorder,
+    StoppedAtOnce,
     SyncCounter,
     progress_bar,
 )
@@ -153,6 +154,8 @@ class RunOutcome:
     final_step: int
     summary: dict
     stop_signal: int | None = None  # what interrupted the run (SIGINT, SIGTERM)
+    stopped_at_once: bool = False  # a second stop signal: stopped inside a step, before its checkpoint
+    resume_step: int | None = None  # the checkpoint a rerun resumes from (None: none, a rerun starts again)
 
 
 def _flat_config(cfg: DictConfig) -> dict[str, object]:
@@ -202,7 +205,18 @@ def prepare_run_dir(cfg: DictConfig, plan: Plan) -> bool:
         if differences:
             raise HarnessError(f"{rd.path} holds a run with another config (differs in {', '.join(differences)}); "
                                f"choose another run_id=/experiment= or pass overwrite=true")
+        _check_same_data(stored, plan)
     return stored.get("status") == "completed"
+
+
+def _check_same_data(stored: dict, plan: Plan) -> None:
+    """A run continues only on the data it started on: the same path (its config) and the same bytes (its digest)."""
+    started_on = stored.get("data", {}).get("sha256")  # older run.json files may lack it
+    if started_on and started_on != plan.data_sha256:
+        raise HarnessError(f"{plan.run_dir.path} was trained on data with sha256 {started_on}, and "
+                           f"{plan.data_prefix}.bin now has sha256 {plan.data_sha256}; restore that data, or pass "
+                           "overwrite=true to train this run again on the new one (the old run is kept under "
+                           "replaced/)")
 
 
 def train(cfg: DictConfig) -> RunOutcome:
@@ -236,12 +250,15 @@ def _train_owned(cfg: DictConfig, plan: Plan, lock: RunLock | None) -> RunOutcom
         rd.update_run_json(replaced_run={"moved_to": portable_path(moved_to), "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     lit = LitRWKV(model, cfg, plan, start_step)
     setup_s = time.perf_counter() - setup_start
+    stopped_at_once = False
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             # the loader resumes mid-epoch by the step itself (harness.data.ResumeSampler), which is what this warns of
             warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch.*")
             trainer.fit(lit, ckpt_path=ckpt_path)
+    except StoppedAtOnce:
+        stopped_at_once = True
     except BaseException as exc:
         if trainer.is_global_zero:
             rd.update_run_json(status=f"failed: {type(exc).__name__}: {exc}")
@@ -250,13 +267,16 @@ def _train_owned(cfg: DictConfig, plan: Plan, lock: RunLock | None) -> RunOutcom
         if log is not None:
             log.close()
     final_step = trainer.global_step
-    status = "interrupted" if checkpointer.interrupted and final_step < plan.max_steps else "completed"
+    interrupted = stopped_at_once or (checkpointer.interrupted and final_step < plan.max_steps)
+    status = "interrupted" if interrupted else "completed"
     summary = _summarize(plan, model, recorder, setup_s)
     if trainer.is_global_zero:
         deepspeed_config = getattr(trainer.strategy, "config", None)
         rd.update_run_json(status=status, final_step=final_step, throughput=summary,
                            deepspeed_config=deepspeed_config, triton_autotune=triton_autotune.status())
-    return RunOutcome(status, rd, final_step, summary, checkpointer.stop_signal)
+    kept = rd.last_checkpoint()
+    return RunOutcome(status, rd, final_step, summary, checkpointer.stop_signal, stopped_at_once,
+                      kept[0] if kept else None)
 
 
 def _move_old_run_aside(lock: RunLock, rd: RunDir) -> Path:
@@ -332,10 +352,16 @@ def _record_start(cfg: DictConfig, plan: Plan, model: RWKV, init_record: dict, r
     stored = rd.read_run_json()
     groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.grouping)
     resumes = stored.get("resumed_from", []) + ([resume_step] if resume_step else [])
+    environments = stored.get("environment", []) + [environment()]
+    # one segment per start of the run (the first and each resume): its first step, its data, its code, and the index
+    # of its environment in ``environment`` (a list, one entry per start, as before segments were recorded)
+    segment = {"start_step": resume_step or 0, "data_sha256": plan.data_sha256,
+               "git_commit": environments[-1]["git"]["commit"], "environment": len(environments) - 1}
     rd.update_run_json(
         status="running",
         config=OmegaConf.to_container(cfg, resolve=True),
-        environment=stored.get("environment", []) + [environment()],
+        environment=environments,
+        segments=stored.get("segments", []) + [segment],
         impl={"name": plan.impl.name, "description": plan.impl.description, "flags": plan.impl.flags,
               "needs_cuda": plan.impl.needs_cuda},
         trainer={"accelerator": plan.accelerator, "strategy": plan.strategy, "precision": plan.precision,
