@@ -318,8 +318,8 @@ def test_a_real_checkout_accelerated_matches_the_oracle(oracle64: dict[str, torc
 
 
 def test_a_graphed_step_under_deepspeed_or_ddp_is_refused_in_one_line(tmp_path: Path) -> None:
-    """accel.cuda_graph captures the optimizer step's inputs on one GPU: the trainer's plan refuses it with another
-    strategy (checked here on a plan made for a GPU, so it runs on any machine)."""
+    """accel.cuda_graph replays its own backward on one GPU: the trainer's plan refuses it where DeepSpeed or DDP own
+    the backward (checked here on a plan made for a GPU, so it runs on any machine)."""
     import dataclasses
 
     from harness.config import compose_config
@@ -329,6 +329,6 @@ def test_a_graphed_step_under_deepspeed_or_ddp_is_refused_in_one_line(tmp_path: 
     cfg = compose_config("config", ["trainer=cpu", "model=tiny", f"results_dir={tmp_path}"])
     plan = dataclasses.replace(plan_run(cfg), accelerator="gpu", strategy="deepspeed_stage_2",
                                accel=Accel(cuda_graph=True))
-    with pytest.raises(HarnessError, match="accel.cuda_graph captures the optimizer step, which DeepSpeed and DDP "
-                                           "run outside the graph; use trainer.strategy=single_device"):
+    with pytest.raises(HarnessError, match=r"accel.cuda_graph replays its own loss.backward\(\), which DeepSpeed .* "
+                                           r"cannot take; use trainer.strategy=single_device"):
         _check_accel(plan)
