@@ -211,7 +211,7 @@ def test_gpu_optimizer_is_fused_unless_lightning_clips_under_mixed_precision(pre
 
     cfg = tiny_config()
     plan = dataclasses.replace(plan_run(cfg), strategy="single_device", accelerator="gpu", precision=precision)
-    optimizer = make_optimizer([{"params": [torch.nn.Parameter(torch.zeros(3))]}], cfg, plan)
+    optimizer = make_optimizer([{"params": [torch.nn.Parameter(torch.zeros(3))]}], plan)
     assert optimizer.defaults["fused"] is fused
     assert _optimizer_handles_unscaling(optimizer) is fused  # Lightning's check that made bf16-mixed fail to clip
 
@@ -284,3 +284,31 @@ def test_the_progress_bar_shows_step_of_the_runs_steps_after_a_resume(resumed_at
     bar._trainer = types.SimpleNamespace(max_steps=200, global_step=resumed_at, num_training_batches=200,
                                          max_epochs=-1)
     assert bar.total_train_batches == 200
+
+
+def test_the_plan_holds_every_setting_the_trainer_reads(tmp_path):
+    """optim.* and the loop's trainer.* keys resolved once into the plan, typed (lists as tuples)."""
+    from harness.config import compose_config
+    from harness.training.plan import plan_run
+
+    cfg = compose_config("config", ["impl=reference", "model=tiny", "trainer=cpu", "seed=3", "optim.betas=[0.8,0.9]",
+                                    "trainer.ckpt_every=7", "init=native", f"results_dir={tmp_path}"])
+    plan = plan_run(cfg)
+    assert (plan.seed, plan.init_mode, plan.overwrite) == (3, "native", False)
+    assert plan.optim.betas == (0.8, 0.9) and plan.optim.lr_init == cfg.optim.lr_init
+    assert plan.optim.grad_clip == 1.0 and plan.optim.exit_tokens is None
+    assert (plan.loop.ckpt_every, plan.loop.devices, plan.loop.loss_only) == (7, 1, False)
+    assert plan.shared_init.parent == tmp_path / "tiny-sample" / "init"
+
+
+def test_the_trainer_strategy_and_callbacks_read_no_raw_config():
+    """No ``cfg.<key>`` or ``self.cfg`` read in them: the config is only recorded into run.json and compared with a
+    stored run's, whole."""
+    import ast
+
+    for module in ("trainer", "strategy", "callbacks"):
+        path = Path(__file__).parents[1] / "harness" / "training" / f"{module}.py"
+        reads = [f"{path.name}:{node.lineno}" for node in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(node, ast.Attribute) and (node.attr == "cfg" or (isinstance(node.value, ast.Name)
+                                                                                and node.value.id == "cfg"))]
+        assert not reads, f"raw config reads: {reads}"

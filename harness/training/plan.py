@@ -9,9 +9,9 @@ import json
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import get_args
+from typing import TypeVar, get_args
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -29,8 +29,50 @@ from impls.base import Implementation
 
 
 @dataclass(frozen=True)
+class OptimSettings:
+    """``optim.*``: the optimizer, its lr schedule and clipping."""
+
+    grouping: Grouping
+    lr_init: float
+    lr_final: float
+    warmup_steps: int
+    exit_tokens: int | None
+    weight_decay: float
+    betas: tuple[float, float]
+    eps: float
+    grad_clip: float
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """The ``trainer.*`` keys the training loop and its callbacks read (the others are planned into :class:`Plan`)."""
+
+    devices: int
+    num_nodes: int
+    ckpt_every: int
+    timing_warmup_steps: int
+    num_workers: int
+    progress_every: int
+    profile_steps: int
+    sync_debug_steps: int
+    gc_every: int
+    loss_only: bool
+
+
+Settings = TypeVar("Settings", OptimSettings, LoopSettings)
+
+
+def settings_from(cls: type[Settings], node: DictConfig) -> Settings:
+    """``cls`` holding its fields' keys of ``node`` (values type-checked with the overrides; lists as tuples)."""
+    values = OmegaConf.to_container(node, resolve=True)
+    return cls(**{field.name: tuple(value) if isinstance(value := values[field.name], list) else value
+                  for field in fields(cls)})
+
+
+@dataclass(frozen=True)
 class Plan:
-    """Everything validated up front, before any file is written."""
+    """Everything validated up front, before any file is written: all the trainer, its strategy and its callbacks
+    read (the raw config only goes into run.json and is compared with a stored run's)."""
 
     impl: Implementation
     model_cfg: ModelConfig
@@ -48,6 +90,12 @@ class Plan:
     deepspeed: dict
     sync_free_clip: bool
     accel: Accel
+    seed: int
+    init_mode: str
+    shared_init: Path
+    overwrite: bool
+    optim: OptimSettings
+    loop: LoopSettings
 
     @property
     def tokens_per_step(self) -> int:
@@ -140,9 +188,15 @@ def plan_run(cfg: DictConfig) -> Plan:
         deepspeed=deepspeed_knobs(cfg.trainer.deepspeed, world_size),
         sync_free_clip=bool(cfg.trainer.sync_free_clip),
         accel=accel,
+        seed=int(cfg.seed),
+        init_mode=str(cfg.init.mode),
+        shared_init=shared_init_file(cfg, model_cfg),
+        overwrite=bool(cfg.overwrite),
+        optim=settings_from(OptimSettings, cfg.optim),
+        loop=settings_from(LoopSettings, cfg.trainer),
     )
     _check_accel(plan)
-    for directory in (plan.run_dir.path, shared_init_file(cfg, model_cfg).parent):
+    for directory in (plan.run_dir.path, plan.shared_init.parent):
         check_can_create(directory)
     if cfg.trainer.memory_check and is_launching_rank_zero():
         _check_memory(plan, int(cfg.trainer.devices))

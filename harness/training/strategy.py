@@ -4,7 +4,6 @@ Lightning), the optimizer it steps, and DeepSpeed's clipping without host syncs 
 from __future__ import annotations
 
 import torch
-from omegaconf import DictConfig
 
 from harness.training import sync_free_clip
 from harness.training.plan import Plan, deepspeed_stage
@@ -50,9 +49,9 @@ def make_strategy(plan: Plan):
     return plan.strategy
 
 
-def make_optimizer(groups: list[dict], cfg: DictConfig, plan: Plan) -> torch.optim.Optimizer:
-    o = cfg.optim
-    kwargs = dict(lr=o.lr_init, betas=tuple(o.betas), eps=o.eps)
+def make_optimizer(groups: list[dict], plan: Plan) -> torch.optim.Optimizer:
+    o = plan.optim
+    kwargs = dict(lr=o.lr_init, betas=o.betas, eps=o.eps)
     if plan.strategy.startswith("deepspeed"):
         from deepspeed.ops.adam import FusedAdam
 

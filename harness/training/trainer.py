@@ -49,7 +49,7 @@ from harness.training.callbacks import (
     progress_bar,
 )
 from harness.training.optim import LRSchedule, describe_groups, param_groups
-from harness.training.plan import Plan, is_launching_rank_zero, plan_run, shared_init_file, shared_init_key
+from harness.training.plan import Plan, is_launching_rank_zero, plan_run, shared_init_key
 from harness.training.strategy import install_sync_free_clip, make_optimizer, make_strategy
 from impls import triton_autotune
 
@@ -65,21 +65,21 @@ RESUME_NEUTRAL_KEYS = ("trainer.ckpt_every", "trainer.num_workers", "trainer.pro
 # --- model, data and optimizer ----------------------------------------------------------------------
 
 
-def build_model(cfg: DictConfig, plan: Plan) -> tuple[RWKV, dict]:
+def build_model(plan: Plan) -> tuple[RWKV, dict]:
     """Model with its init applied; returns the init record for run.json."""
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(plan.seed)
     model = RWKV(plan.impl, plan.model_cfg)
-    mode = cfg.init.mode
+    mode, seed = plan.init_mode, plan.seed
     if mode != "shared":
-        apply_init(model, mode, cfg.seed)
-        return model, {"mode": mode, "seed": cfg.seed}
-    key = shared_init_key(plan.model_cfg, cfg.seed)
-    path = shared_init_file(cfg, plan.model_cfg)
+        apply_init(model, mode, seed)
+        return model, {"mode": mode, "seed": seed}
+    key = shared_init_key(plan.model_cfg, seed)
+    path = plan.shared_init
     if path.exists():
         model.load_canonical_state_dict(_load_shared_init(path, key))
     else:
-        _save_shared_init(path, apply_init(model, mode, cfg.seed), key)
-    return model, {"mode": mode, "seed": cfg.seed, "key": key, "file": portable_path(path), "sha256": file_sha256(path)}
+        _save_shared_init(path, apply_init(model, mode, seed), key)
+    return model, {"mode": mode, "seed": seed, "key": key, "file": portable_path(path), "sha256": file_sha256(path)}
 
 
 def _save_shared_init(path: Path, state: dict[str, torch.Tensor], key: dict[str, str]) -> None:
@@ -102,10 +102,9 @@ def _load_shared_init(path: Path, key: dict[str, str]) -> dict[str, torch.Tensor
 
 
 class LitRWKV(L.LightningModule):
-    def __init__(self, model: RWKV, cfg: DictConfig, plan: Plan, start_step: int):
+    def __init__(self, model: RWKV, plan: Plan, start_step: int):
         super().__init__()
         self.model = model
-        self.cfg = cfg
         self.plan = plan
         self.start_step = start_step
         self.last_loss: torch.Tensor | None = None
@@ -114,7 +113,7 @@ class LitRWKV(L.LightningModule):
         self.automatic_optimization = not plan.accel.cuda_graph
         self.graphed_step: GraphedStep | None = None
         if plan.accel.cuda_graph:
-            before_optimizer = forward_backward(self.loss_fn, model.parameters(), float(cfg.optim.grad_clip))
+            before_optimizer = forward_backward(self.loss_fn, model.parameters(), plan.optim.grad_clip)
             self.graphed_step = GraphedStep(before_optimizer, model.parameters())
 
     def train_dataloader(self) -> DataLoader:
@@ -122,7 +121,7 @@ class LitRWKV(L.LightningModule):
         windows = StepWindows(BinIdx(p.data_prefix), p.model_cfg.ctx_len, p.micro_bsz, p.magic_prime,
                               start_step=0, num_steps=p.max_steps,
                               world_size=self.trainer.world_size, rank=self.trainer.global_rank)
-        workers = int(self.cfg.trainer.num_workers)
+        workers = p.loop.num_workers
         return DataLoader(windows, batch_size=p.micro_bsz, sampler=ResumeSampler(self.start_step * p.micro_bsz,
                           len(windows)), drop_last=True, num_workers=workers,
                           pin_memory=p.accelerator == "gpu", persistent_workers=False)
@@ -140,8 +139,8 @@ class LitRWKV(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        groups = param_groups(self.model, self.cfg.optim.weight_decay, self.cfg.optim.grouping)
-        return make_optimizer(groups, self.cfg, self.plan)
+        groups = param_groups(self.model, self.plan.optim.weight_decay, self.plan.optim.grouping)
+        return make_optimizer(groups, self.plan)
 
 
 # --- the run -----------------------------------------------------------------------------------------
@@ -229,7 +228,7 @@ def train(cfg: DictConfig) -> RunOutcome:
 
 def _train_owned(cfg: DictConfig, plan: Plan, lock: RunLock | None) -> RunOutcome:
     rd = plan.run_dir
-    replacing = bool(cfg.overwrite) and lock is not None and rd.has_results()
+    replacing = plan.overwrite and lock is not None and rd.has_results()
     if not replacing and prepare_run_dir(cfg, plan):
         stored = rd.read_run_json()
         return RunOutcome("already_complete", rd, stored.get("final_step", plan.max_steps),
@@ -238,17 +237,18 @@ def _train_owned(cfg: DictConfig, plan: Plan, lock: RunLock | None) -> RunOutcom
     resume_step, ckpt_path = checkpoint if checkpoint else (None, None)
     start_step = resume_step or 0
     setup_start = time.perf_counter()
-    model, init_record = build_model(cfg, plan)
+    model, init_record = build_model(plan)
     clip_patched = install_sync_free_clip(plan)
 
-    schedule = LRSchedule(cfg.optim.lr_init, cfg.optim.lr_final, cfg.optim.warmup_steps, plan.tokens_per_step,
-                          cfg.optim.exit_tokens or plan.max_steps * plan.tokens_per_step)
-    trainer, recorder, checkpointer, log = _make_trainer(cfg, plan, schedule, start_step)
+    o = plan.optim
+    schedule = LRSchedule(o.lr_init, o.lr_final, o.warmup_steps, plan.tokens_per_step,
+                          o.exit_tokens or plan.max_steps * plan.tokens_per_step)
+    trainer, recorder, checkpointer, log = _make_trainer(plan, schedule, start_step)
     moved_to = _move_old_run_aside(lock, rd) if replacing else None
     _record_start(cfg, plan, model, init_record, resume_step, clip_patched)
     if moved_to is not None:
         rd.update_run_json(replaced_run={"moved_to": portable_path(moved_to), "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    lit = LitRWKV(model, cfg, plan, start_step)
+    lit = LitRWKV(model, plan, start_step)
     setup_s = time.perf_counter() - setup_start
     stopped_at_once = False
     try:
@@ -313,31 +313,31 @@ def quiet_lightning() -> None:
                             category=FutureWarning)
 
 
-def _make_trainer(cfg: DictConfig, plan: Plan, schedule: LRSchedule, start_step: int):
+def _make_trainer(plan: Plan, schedule: LRSchedule, start_step: int):
     quiet_lightning()
+    loop = plan.loop
     lr = LRScheduler(schedule)
     is_rank_zero = is_launching_rank_zero()
     log = StepLog(plan.run_dir.steps_csv, start_step) if is_rank_zero else None
     clock = StepClock(cuda=plan.accelerator == "gpu")
-    recorder = StepRecorder(log, plan.tokens_per_step, lr, clock, int(cfg.trainer.timing_warmup_steps), start_step)
-    checkpointer = Checkpointer(plan.run_dir, int(cfg.trainer.ckpt_every), clock)
+    recorder = StepRecorder(log, plan.tokens_per_step, lr, clock, loop.timing_warmup_steps, start_step)
+    checkpointer = Checkpointer(plan.run_dir, loop.ckpt_every, clock)
     callbacks = [lr, checkpointer, recorder]
-    if int(cfg.trainer.profile_steps) > 0:
-        first_timed = start_step + int(cfg.trainer.timing_warmup_steps)
-        callbacks.append(StepProfiler(plan.run_dir, first_timed, int(cfg.trainer.profile_steps)))
-    if int(cfg.trainer.sync_debug_steps) > 0:
-        first_timed = start_step + int(cfg.trainer.timing_warmup_steps)
-        callbacks.append(SyncCounter(plan.run_dir, first_timed, int(cfg.trainer.sync_debug_steps)))
-    if int(cfg.trainer.gc_every) > 0:
-        callbacks.append(ManualGarbageCollection(int(cfg.trainer.gc_every)))
-    refresh = int(cfg.trainer.progress_every)
+    first_timed = start_step + loop.timing_warmup_steps
+    if loop.profile_steps > 0:
+        callbacks.append(StepProfiler(plan.run_dir, first_timed, loop.profile_steps))
+    if loop.sync_debug_steps > 0:
+        callbacks.append(SyncCounter(plan.run_dir, first_timed, loop.sync_debug_steps))
+    if loop.gc_every > 0:
+        callbacks.append(ManualGarbageCollection(loop.gc_every))
+    refresh = loop.progress_every
     if refresh > 0:
         callbacks.append(progress_bar(refresh, recorder))
     trainer = L.Trainer(
-        accelerator=plan.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
+        accelerator=plan.accelerator, devices=loop.devices, num_nodes=loop.num_nodes,
         strategy=make_strategy(plan),
         precision=plan.precision, max_steps=plan.max_steps, max_epochs=-1,
-        gradient_clip_val=None if plan.accel.cuda_graph else cfg.optim.grad_clip,  # the graph clips
+        gradient_clip_val=None if plan.accel.cuda_graph else plan.optim.grad_clip,  # the graph clips
         logger=False, enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
         use_distributed_sampler=False, callbacks=callbacks, log_every_n_steps=1, enable_progress_bar=refresh > 0,
     )
@@ -350,7 +350,7 @@ def _record_start(cfg: DictConfig, plan: Plan, model: RWKV, init_record: dict, r
         return
     rd = plan.run_dir
     stored = rd.read_run_json()
-    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.grouping)
+    groups = param_groups(model, plan.optim.weight_decay, plan.optim.grouping)
     resumes = stored.get("resumed_from", []) + ([resume_step] if resume_step else [])
     environments = stored.get("environment", []) + [environment()]
     # one segment per start of the run (the first and each resume): its first step, its data, its code, and the index
@@ -366,7 +366,7 @@ def _record_start(cfg: DictConfig, plan: Plan, model: RWKV, init_record: dict, r
               "needs_cuda": plan.impl.needs_cuda},
         trainer={"accelerator": plan.accelerator, "strategy": plan.strategy, "precision": plan.precision,
                  "world_size": plan.world_size, "sync_free_clip": clip_patched,
-                 "loss_only": bool(cfg.trainer.loss_only)},
+                 "loss_only": plan.loop.loss_only},
         accel={**dataclasses.asdict(plan.accel), "label": plan.accel.label()},
         data={"prefix": portable_path(plan.data_prefix), "tokens": plan.data_tokens, "magic_prime": plan.magic_prime,
               "sha256": plan.data_sha256},
