@@ -13,6 +13,7 @@ import pandas as pd
 from harness.figures import save_figure
 from harness.report.arm_tables import counts_for_speed
 from harness.report.arms import curve_keys, varying_shape_keys
+from harness.report.stats import LAST_STEPS
 
 
 def use_report_style() -> None:
@@ -60,25 +61,33 @@ def _arms(steps: pd.DataFrame, by_gpu: bool = False) -> Iterator[tuple[str, pd.D
 
 
 def plot_loss(steps: pd.DataFrame, path: Path, title: str, window: int = 25) -> None:
+    """Each arm's loss, smoothed over ``window`` steps: with several seeds their mean and a band of ± one std across
+    seeds, with one seed its rolling std. Left the whole run, right its last :data:`LAST_STEPS` steps (the metric's
+    window), where the arms' gaps are visible."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, (whole, tail) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     for label, group in _arms(steps):
         curve = group.pivot_table(index="tokens", columns="run_id", values="loss").sort_index()
+        smooth = curve.rolling(window, min_periods=1).mean()
         tokens_m = curve.index.to_numpy() / 1e6
         if curve.shape[1] > 1:
-            mean, std = curve.mean(axis=1), curve.std(axis=1)
-            band = f"mean ± std over {curve.shape[1]} seeds"
+            mean, std = smooth.mean(axis=1), smooth.std(axis=1)
+            band = f"{curve.shape[1]} seeds: mean ± std across seeds"
         else:
-            series = curve.iloc[:, 0]
-            mean = series.rolling(window, min_periods=1).mean()
-            std = series.rolling(window, min_periods=1).std().fillna(0)
-            band = f"rolling {window}-step mean ± std, 1 seed"
-        ax.plot(tokens_m, mean, label=f"{label} ({band})", linewidth=1.2)
-        ax.fill_between(tokens_m, mean - std, mean + std, alpha=0.2)
-    ax.set(title=title, xlabel="tokens (millions)", ylabel="cross-entropy loss (nats/token)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+            mean = smooth.iloc[:, 0]
+            std = curve.iloc[:, 0].rolling(window, min_periods=1).std().fillna(0)
+            band = "1 seed: ± rolling std"
+        for ax, rows in ((whole, slice(None)), (tail, slice(-LAST_STEPS, None))):
+            line, = ax.plot(tokens_m[rows], mean.iloc[rows], linewidth=1.2,
+                            label=f"{label} (rolling {window}-step mean; {band})")
+            ax.fill_between(tokens_m[rows], (mean - std).iloc[rows], (mean + std).iloc[rows], alpha=0.2,
+                            color=line.get_color())
+    whole.set(title=title, xlabel="tokens (millions)", ylabel="cross-entropy loss (nats/token)")
+    tail.set(title=f"last {LAST_STEPS} steps", xlabel="tokens (millions)")
+    whole.legend(fontsize=6)
+    for ax in (whole, tail):
+        ax.grid(alpha=0.3)
     save_figure(fig, path)
     plt.close(fig)
 
