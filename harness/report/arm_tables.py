@@ -59,21 +59,23 @@ def throughput_table(steps: pd.DataFrame) -> pd.DataFrame:
 def loss_table(steps: pd.DataFrame) -> pd.DataFrame:
     """Per arm (its seeds on any GPU model: the model is no curve key, :mod:`harness.report.arms`; ``gpus`` lists
     them): the published metric over each run's own last steps, and the same metric over the last steps that every
-    run of the experiment reached (``common_steps``), so that arms of unequal length compare at equal steps."""
-    common_end = steps.groupby(["experiment", "run_id"])["step"].max().groupby("experiment").min() + 1
+    run of the experiment on those GPU models reached (``common_steps``), so that arms of unequal length compare at
+    equal steps and a run on other hardware (a user's CPU run) shifts no other row."""
+    common_end = steps.groupby(["experiment", "gpu", "run_id"])["step"].max().groupby(["experiment", "gpu"]).min() + 1
     rows = []
     keys = curve_keys(steps)
     for arm, group in steps.groupby(keys, dropna=False, sort=True):
         runs = [run.sort_values("step") for _, run in group.groupby("run_id")]
         mean, half = mean_ci95(np.array([run.tail(LAST_STEPS)["loss"].mean() for run in runs]))
-        end = int(common_end[arm[0]])
+        end = int(min(common_end[(arm[0], gpu)] for gpu in group["gpu"].unique()))
         start = max(0, end - LAST_STEPS)
         common = np.mean([run[(run["step"] >= start) & (run["step"] < end)]["loss"].mean() for run in runs])
         rows.append({**dict(zip(keys, arm, strict=True)), "seeds": len(runs),
                      "steps": int(group["step"].max()) + 1, f"loss_last{LAST_STEPS}": mean, "ci95": half,
                      "common_steps": f"{start}-{end - 1}", "loss_common": float(common),
-                     "gpus": ", ".join(sorted(group["gpu"].astype(str).unique()))})
-    return shown(pd.DataFrame(rows))
+                     "gpu": ", ".join(sorted(group["gpu"].astype(str).unique()))})
+    # ``gpu`` (the arm's GPU models) while the columns are chosen: keys that vary only between hardware show none
+    return shown(pd.DataFrame(rows)).rename(columns={"gpu": "gpus"})
 
 
 SCALING_SHOWN = ["experiment", "impl", "init", "grouping", "accel", "seed", "global_bsz", "gpu"]
