@@ -20,6 +20,7 @@ import impls
 from harness.config import check_betas
 from harness.data.binidx import BinIdx, check_token_ids, default_data_prefix, validate_for_training
 from harness.errors import HarnessError
+from harness.model.init import init_label
 from harness.model.rwkv import ModelConfig
 from harness.results import RunDir, file_sha256
 from harness.training.accel import Accel
@@ -84,7 +85,7 @@ def check_pinned_data(bin_path: Path, data_cfg: DictConfig) -> str:
 
 
 POSITIVE = ("bsz", "trainer.max_steps", "trainer.devices", "trainer.num_nodes", "optim.lr_init", "optim.eps")
-NOT_NEGATIVE = ("optim.lr_final", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip",
+NOT_NEGATIVE = ("init.nudge_ulp", "optim.lr_final", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip",
                 "trainer.ckpt_every", "trainer.timing_warmup_steps", "trainer.num_workers", "trainer.progress_every",
                 "trainer.profile_steps", "trainer.sync_debug_steps", "trainer.gc_every")
 
@@ -124,7 +125,7 @@ def plan_run(cfg: DictConfig) -> Plan:
     data_sha256 = check_pinned_data(data.bin_path, cfg.data)
     world_size = int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)
     accel = Accel.from_config(cfg.get("accel"))
-    run_id = cfg.run_id or default_run_id(impl.name, cfg.init.mode, cfg.optim.grouping, accel, cfg.bsz, cfg.seed)
+    run_id = cfg.run_id or default_run_id(impl.name, init_label(cfg.init), cfg.optim.grouping, accel, cfg.bsz, cfg.seed)
     plan = Plan(
         impl=impl, model_cfg=model_cfg, run_dir=RunDir(Path(cfg.results_dir) / cfg.experiment / run_id),
         data_prefix=prefix, data_sha256=data_sha256, data_tokens=data.num_tokens, magic_prime=prime, micro_bsz=cfg.bsz,

@@ -32,7 +32,7 @@ from harness.data.binidx import (
 )
 from harness.env import environment, model_flops_utilization
 from harness.errors import HarnessError
-from harness.model.init import apply_init
+from harness.model.init import Nudge, apply_init, nudge_weights, training_dtype
 from harness.model.rwkv import RWKV, count_parameters
 from harness.results import RunDir, StepLog, file_sha256, portable_path, read_steps, throughput_summary
 from harness.run_lock import RunLock
@@ -65,20 +65,27 @@ RESUME_NEUTRAL_KEYS = ("trainer.ckpt_every", "trainer.num_workers", "trainer.pro
 
 
 def build_model(cfg: DictConfig, plan: Plan) -> tuple[RWKV, dict]:
-    """Model with its init applied; returns the init record for run.json."""
+    """Model with its init applied, then its nudge (``init.nudge_ulp``); returns the init record for run.json."""
     torch.manual_seed(cfg.seed)
     model = RWKV(plan.impl, plan.model_cfg)
+    record = _load_init(model, cfg, plan)
+    if (nudge := Nudge.from_config(cfg.init)).elements:
+        record["nudge"] = nudge_weights(model, nudge, training_dtype(plan.precision, plan.strategy))
+    return model, record
+
+
+def _load_init(model: RWKV, cfg: DictConfig, plan: Plan) -> dict:
     mode = cfg.init.mode
     if mode != "shared":
         apply_init(model, mode, cfg.seed)
-        return model, {"mode": mode, "seed": cfg.seed}
+        return {"mode": mode, "seed": cfg.seed}
     key = shared_init_key(plan.model_cfg, cfg.seed)
     path = shared_init_file(cfg, plan.model_cfg)
     if path.exists():
         model.load_canonical_state_dict(_load_shared_init(path, key))
     else:
         _save_shared_init(path, apply_init(model, mode, cfg.seed), key)
-    return model, {"mode": mode, "seed": cfg.seed, "key": key, "file": portable_path(path), "sha256": file_sha256(path)}
+    return {"mode": mode, "seed": cfg.seed, "key": key, "file": portable_path(path), "sha256": file_sha256(path)}
 
 
 def _save_shared_init(path: Path, state: dict[str, torch.Tensor], key: dict[str, str]) -> None:
