@@ -82,9 +82,10 @@ def pair_table(steps: pd.DataFrame) -> pd.DataFrame:
 
 
 def verdict(floor: list[LossPair], accelerated: list[LossPair]) -> str:
-    """"within noise" when there are at least :data:`MIN_PAIRS` pairs of each kind and every accelerated pair's mean
-    |difference| is at most the floor's largest, and its |offset| at most the floor's largest |offset|; else
-    "outside noise" ("no floor" without floor pairs, "too few pairs" with fewer than MIN_PAIRS of a kind)."""
+    """The verdict on one accelerated configuration: "within noise" when there are at least :data:`MIN_PAIRS` pairs
+    of each kind and every accelerated pair's mean |difference| is at most the floor's largest, and its |offset| at
+    most the floor's largest |offset|; else "outside noise" ("no floor" without floor pairs, "too few pairs" with
+    fewer than MIN_PAIRS of a kind)."""
     if not floor:
         return "no floor"
     if min(len(floor), len(accelerated)) < MIN_PAIRS:
