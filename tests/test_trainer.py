@@ -312,3 +312,21 @@ def test_the_trainer_strategy_and_callbacks_read_no_raw_config():
                  if isinstance(node, ast.Attribute) and (node.attr == "cfg" or (isinstance(node.value, ast.Name)
                                                                                 and node.value.id == "cfg"))]
         assert not reads, f"raw config reads: {reads}"
+
+
+def test_a_run_recorded_before_a_key_existed_matches_that_keys_old_value(tmp_path) -> None:
+    """A run.json written before the init.nudge keys existed: the same command resumes it (or finds it complete);
+    the new key set to anything else is a difference."""
+    from omegaconf import OmegaConf
+
+    from harness.config import compose_config
+    from harness.training.trainer import _config_differences
+
+    def config(*overrides: str):
+        return compose_config("config", ["trainer=cpu", "model=tiny", f"results_dir={tmp_path}", *overrides])
+
+    stored = OmegaConf.to_container(config(), resolve=True)
+    for key in ("nudge_ulp", "nudge_param", "nudge_seed"):
+        del stored["init"][key]
+    assert _config_differences(stored, config()) == []
+    assert _config_differences(stored, config("init.nudge_ulp=2")) == ["init.nudge_ulp"]

@@ -4,14 +4,23 @@ RWKV-LM initialises in two stages (module constructors, then ``generate_init_wei
 2-D ``*.weight`` and ``ln_x.weight`` and round-trips everything through bf16). The per-layer values live with the
 implementations (:mod:`impls.init`); :func:`rwkv_lm_state_dict` assembles them with the embedding, norms and head,
 and adds the bf16 round trip.
+
+After any init, :class:`Nudge` (``init.nudge_ulp``) can move a few weights by one ulp: the eager twin whose loss
+curve, set beside the unnudged run's, measures the noise floor that accelerated runs are judged against
+(:mod:`harness.report.accel_runs`).
 """
 
 from __future__ import annotations
 
 import math
+import random
+from dataclasses import dataclass
 
 import torch
+from omegaconf import DictConfig
 
+from harness.errors import HarnessError
+from impls.base import to_canonical, to_native
 from impls.init import channelmix_init, orthogonal, timemix_init
 
 
@@ -99,3 +108,74 @@ def apply_init(model: torch.nn.Module, mode: str, seed: int) -> dict[str, torch.
         state = {**{k: v for k, v in model.canonical_state_dict().items() if not _outside_time_mix(k)}, **state}
     model.load_canonical_state_dict(state)
     return state
+
+
+@dataclass(frozen=True)
+class Nudge:
+    """``elements`` entries of the canonical (RWKV-LM named) ``parameter``, drawn from ``seed``, each moved one ulp
+    up (towards +inf) in the dtype the parameter trains in; ``elements == 0`` is no nudge."""
+
+    elements: int = 0
+    parameter: str = "head.weight"
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, init: DictConfig) -> Nudge:
+        return cls(int(init.nudge_ulp), str(init.nudge_param), int(init.nudge_seed))
+
+    def label(self) -> str:
+        """What a run id names: ``nudge<elements>s<seed>`` (empty without a nudge)."""
+        return f"nudge{self.elements}s{self.seed}" if self.elements else ""
+
+
+def init_label(init: DictConfig) -> str:
+    """The init part of a run id: the mode, and the nudge where there is one (``shared-nudge4s0``), so that a
+    nudged twin lives beside its unnudged run."""
+    return "-".join(filter(None, [str(init.mode), Nudge.from_config(init).label()]))
+
+
+def training_dtype(precision: str, strategy: str) -> torch.dtype:
+    """The dtype a parameter is stored in while it trains: Lightning's ``*-true`` precisions cast the module, and
+    DeepSpeed's bf16 and fp16 keep half-precision weights (its fp32 master copy is made from them); a one-ulp
+    nudge of the fp32 value would round away in either cast."""
+    kind = precision.split("-")[0]
+    half = {"bf16": torch.bfloat16, "16": torch.float16}.get(kind)
+    if half is not None and (precision.endswith("-true") or strategy.startswith("deepspeed")):
+        return half
+    return torch.float64 if kind == "64" else torch.float32
+
+
+def nudge_weights(model: torch.nn.Module, nudge: Nudge, dtype: torch.dtype) -> dict[str, object]:
+    """Apply ``nudge`` to ``model`` (a harness RWKV) in place, one ulp of ``dtype`` per element; returns its record
+    for run.json (the flat indices into the canonical layout). A HarnessError names a parameter the model lacks, more
+    elements than it holds, or a ``dtype`` wider than the parameter (its ulp could not be written)."""
+    param, transform = _nudged_parameter(model, nudge.parameter)
+    if nudge.elements > param.numel():
+        raise HarnessError(f"init.nudge_ulp={nudge.elements} exceeds the {param.numel()} elements of "
+                           f"{nudge.parameter}")
+    if torch.finfo(dtype).bits > torch.finfo(param.dtype).bits:
+        raise HarnessError(f"init.nudge_ulp: a {dtype} ulp cannot be written into the {param.dtype} parameter "
+                           f"{nudge.parameter} before the run casts it; nudge a run of another precision")
+    canonical = to_canonical(param.detach(), transform)
+    values = canonical.reshape(-1).clone()
+    chosen = torch.tensor(sorted(random.Random(nudge.seed).sample(range(values.numel()), nudge.elements)),
+                          dtype=torch.long)
+    moved = values[chosen].to(dtype)
+    values[chosen] = torch.nextafter(moved, torch.full_like(moved, math.inf)).to(param.dtype)
+    with torch.no_grad():
+        param.copy_(to_native(values.reshape(canonical.shape), transform))
+    return {"parameter": nudge.parameter, "elements": nudge.elements, "seed": nudge.seed,
+            "dtype": str(dtype).removeprefix("torch."), "indices": chosen.tolist()}
+
+
+def _nudged_parameter(model: torch.nn.Module, canonical: str) -> tuple[torch.nn.Parameter, str]:
+    """The model's parameter of RWKV-LM name ``canonical``, and the transform from its layout to the canonical."""
+    try:
+        native, transform = model.native_name(canonical)
+    except KeyError:
+        native, transform = None, "same"
+    params = dict(model.named_parameters())
+    if native not in params:
+        raise HarnessError(f"init.nudge_param={canonical} is no parameter of impl {model.impl.name}; name one by its "
+                           f"RWKV-LM name, e.g. head.weight or blocks.0.ffn.key.weight")
+    return params[native], transform

@@ -1,10 +1,10 @@
-"""The report's second stage: runs into arms. A run joins an arm only when every resolved config value that shapes
-its loss curve is equal: the six keys every table shows (:data:`ARM_KEYS`) and the rest (:data:`SHAPE_KEYS`: model
-shape and ctx_len, data, global batch, process count, optimizer, lr schedule and its length, impl options,
-precision). The GPU model is none of them: it sets no config value, and one seed on two GPU models differs at the
-bf16 rounding level only (the report lists the models, and speed stays per model). An arm's seeds are the distinct
-seed values of its completed runs: a repeated seed counts once, its latest run by recorded timestamp, with a
-warning. Interrupted, running and failed runs count in no
+"""The report's second stage: runs into arms. A run joins an arm only when every resolved config value that shapes its
+loss curve is equal: the six keys every table shows (:data:`ARM_KEYS`) and the rest (:data:`SHAPE_KEYS`: model shape
+and ctx_len, data, global batch, process count, optimizer, lr schedule and its length, impl options, precision, the
+init's one-ulp nudge: a nudged twin is never a seed of its unnudged arm). The GPU model is none of them: it sets no
+config value, and one seed on two GPU models differs at the bf16 rounding level only (the report lists the models,
+and speed stays per model). An arm's seeds are the distinct seed values of its completed runs: a repeated seed
+counts once, its latest run by recorded timestamp, with a warning. Interrupted, running and failed runs count in no
 statistic and are listed with their status. Runs that differ only in process count at an equal global batch stay
 apart (the process count is a key): they are the scaling table's pairs, not seeds.
 """
@@ -17,7 +17,7 @@ import pandas as pd
 
 ARM_KEYS = ["experiment", "impl", "init", "bsz", "grouping", "accel"]
 SHAPE_KEYS = ["model", "ctx_len", "data", "global_bsz", "world_size", "optimizer", "lr_schedule", "max_steps",
-              "exit_tokens", "impl_options", "precision"]
+              "exit_tokens", "impl_options", "precision", "nudge"]
 OPTIONS_OF_IMPL = {"impl_options"}  # compared between runs of one impl only (other impls have other options)
 COUNTED_STATUS = "completed"
 LEFT_OUT_COLUMNS = ["experiment", "run_id", "status", "steps", "max_steps", "why"]

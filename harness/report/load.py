@@ -97,7 +97,16 @@ def curve_shape(run: dict) -> dict[str, object]:
         "exit_tokens": exit_tokens,
         "impl_options": _joined(options, tuple(sorted(options))) or "none",
         "precision": trainer.get("precision") or config.get("trainer", {}).get("precision"),
+        "nudge": nudge_of(config.get("init", {})),
     }
+
+
+def nudge_of(init: dict) -> str:
+    """The init's one-ulp nudge (``init.nudge_ulp``) as a curve key: "none" for none, as in every run recorded
+    before the option existed."""
+    if not init.get("nudge_ulp"):
+        return "none"
+    return f"{init['nudge_ulp']} ulp of {init['nudge_param']}, seed {init['nudge_seed']}"
 
 
 def _joined(values: dict, keys: tuple[str, ...]) -> str | None:

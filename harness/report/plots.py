@@ -1,5 +1,6 @@
 """The report's figures, one folder per experiment: loss curves (mean ± std over seeds, or a rolling band for one
-seed), per-step throughput as box plots, and the loss gap to the baseline arm. Each curve or box is one arm on one
+seed), per-step throughput as box plots, the loss gap to the baseline arm, and accelerated runs' loss differences
+to their eager twins beside the noise floor's. Each curve or box is one arm on one
 GPU model, labelled by what sets it apart. Written with fixed metadata (:func:`harness.figures.save_figure`), so
 the same inputs give byte-identical PNGs."""
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from harness.figures import save_figure
+from harness.report.accel_runs import FLOOR, LossPair, loss_pairs
 from harness.report.arm_tables import counts_for_speed
 from harness.report.arms import curve_keys, varying_shape_keys
 from harness.report.stats import LAST_STEPS
@@ -27,8 +29,9 @@ def use_report_style() -> None:
 
 
 def draw_figures(steps: pd.DataFrame, figures_dir: Path, baseline: str) -> list[Path]:
-    """Each experiment's loss, throughput and loss-gap figures under ``figures_dir/<experiment>``; the files
-    written (throughput without a run that had its GPU to itself, the gap without a baseline arm: not drawn)."""
+    """Each experiment's loss, throughput, loss-gap and accelerated-vs-floor figures under
+    ``figures_dir/<experiment>``; the files written (throughput without a run that had its GPU to itself, the gap
+    without a baseline arm, the floor figure without eager twins: not drawn)."""
     written = []
     for experiment, runs in steps.groupby("experiment", sort=True):
         figures = figures_dir / str(experiment)
@@ -39,6 +42,8 @@ def draw_figures(steps: pd.DataFrame, figures_dir: Path, baseline: str) -> list[
             written.append(figures / "throughput.png")
         if plot_loss_gap(runs, figures / "loss_gap.png", baseline):
             written.append(figures / "loss_gap.png")
+        if plot_accel_vs_floor(runs, figures / "accel_vs_floor.png", title=f"Loss vs the eager twin: {experiment}"):
+            written.append(figures / "accel_vs_floor.png")
     return written
 
 
@@ -148,3 +153,49 @@ def plot_loss_gap(steps: pd.DataFrame, path: Path, baseline: str, window: int = 
         save_figure(fig, path)
     plt.close(fig)
     return plotted
+
+
+FLOOR_COLOUR = "0.6"
+
+
+def plot_accel_vs_floor(steps: pd.DataFrame, path: Path, title: str, window: int = 25) -> bool:
+    """Each loss pair's difference (twin minus eager, :func:`harness.report.accel_runs.loss_pairs`) per step, thin,
+    and its rolling ``window``-step mean, bold: the noise floor's pairs (nudged) in grey, the accelerated ones in a
+    colour per configuration; False (nothing drawn) without pairs."""
+    import matplotlib.pyplot as plt
+
+    pairs = list(loss_pairs(steps))
+    if not pairs:
+        return False
+    labels = [_pair_label(pair, pairs) for pair in pairs]
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    accelerated = sorted({label for pair, label in zip(pairs, labels, strict=True) if pair.kind != FLOOR})
+    colours = {label: cycle[i % len(cycle)] for i, label in enumerate(accelerated)}
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    named = set()
+    for pair, label in zip(pairs, labels, strict=True):
+        colour, layer = (FLOOR_COLOUR, 1) if pair.kind == FLOOR else (colours[label], 2)
+        legend = f"{label} ({labels.count(label)} pairs)" if label not in named else "_nolegend_"
+        named.add(label)
+        ax.plot(pair.diff.index, pair.diff, color=colour, linewidth=0.5, alpha=0.3, zorder=layer)
+        ax.plot(pair.diff.index, pair.diff.rolling(window, min_periods=1).mean(), color=colour, linewidth=1.4,
+                zorder=layer + 2, label=legend)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set(title=f"{title} (thin: per step; bold: rolling {window}-step mean)", xlabel="step",
+           ylabel="twin loss - eager loss (nats/token)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+    plt.close(fig)
+    return True
+
+
+def _pair_label(pair: LossPair, pairs: list[LossPair]) -> str:
+    """The floor's pairs share one label; an accelerated pair's names its impl, its acceleration and every other key
+    (but the seed) in which the figure's pairs differ."""
+    if pair.kind == FLOOR:
+        return "nudged - eager (noise floor)"
+    varying = [key for key in pair.keys if key not in ("experiment", "impl", "seed")
+               and len({str(other.keys[key]) for other in pairs}) > 1]
+    return " / ".join([str(pair.keys["impl"]), pair.twin, *(f"{key} {pair.keys[key]}" for key in varying)]) + \
+        " - eager"

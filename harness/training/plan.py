@@ -20,6 +20,7 @@ import impls
 from harness.config import check_betas
 from harness.data.binidx import BinIdx, check_token_ids, default_data_prefix, validate_for_training
 from harness.errors import HarnessError
+from harness.model.init import Nudge, init_label
 from harness.model.rwkv import ModelConfig
 from harness.results import RunDir, file_sha256
 from harness.training.accel import Accel
@@ -93,6 +94,7 @@ class Plan:
     seed: int
     init_mode: str
     shared_init: Path
+    nudge: Nudge
     overwrite: bool
     optim: OptimSettings
     loop: LoopSettings
@@ -137,7 +139,7 @@ def check_pinned_data(bin_path: Path, data_cfg: DictConfig) -> str:
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "64-true")
 
 POSITIVE = ("bsz", "trainer.max_steps", "trainer.devices", "trainer.num_nodes", "optim.lr_init", "optim.eps")
-NOT_NEGATIVE = ("optim.lr_final", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip",
+NOT_NEGATIVE = ("init.nudge_ulp", "optim.lr_final", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip",
                 "trainer.ckpt_every", "trainer.timing_warmup_steps", "trainer.num_workers", "trainer.progress_every",
                 "trainer.profile_steps", "trainer.sync_debug_steps", "trainer.gc_every")
 
@@ -178,7 +180,7 @@ def plan_run(cfg: DictConfig) -> Plan:
     world_size = int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)
     accel = Accel.from_config(cfg.get("accel"))
     strategy = _strategy(cfg.trainer.strategy, accelerator, world_size)
-    run_id = cfg.run_id or default_run_id(impl.name, cfg.init.mode, cfg.optim.grouping, accel, cfg.bsz, cfg.seed)
+    run_id = cfg.run_id or default_run_id(impl.name, init_label(cfg.init), cfg.optim.grouping, accel, cfg.bsz, cfg.seed)
     plan = Plan(
         impl=impl, model_cfg=model_cfg, run_dir=RunDir(Path(cfg.results_dir) / cfg.experiment / run_id),
         data_prefix=prefix, data_sha256=data_sha256, data_tokens=data.num_tokens, magic_prime=prime, micro_bsz=cfg.bsz,
@@ -191,6 +193,7 @@ def plan_run(cfg: DictConfig) -> Plan:
         seed=int(cfg.seed),
         init_mode=str(cfg.init.mode),
         shared_init=shared_init_file(cfg, model_cfg),
+        nudge=Nudge.from_config(cfg.init),
         overwrite=bool(cfg.overwrite),
         optim=settings_from(OptimSettings, cfg.optim),
         loop=settings_from(LoopSettings, cfg.trainer),

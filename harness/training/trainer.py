@@ -32,7 +32,7 @@ from harness.data.binidx import (
 )
 from harness.env import environment, model_flops_utilization
 from harness.errors import HarnessError
-from harness.model.init import apply_init
+from harness.model.init import apply_init, nudge_weights, training_dtype
 from harness.model.rwkv import RWKV, count_parameters
 from harness.results import RunDir, StepLog, file_sha256, portable_path, read_steps, throughput_summary
 from harness.run_lock import RunLock
@@ -62,24 +62,36 @@ RESUME_NEUTRAL_KEYS = ("trainer.ckpt_every", "trainer.num_workers", "trainer.pro
 # --- configuration -----------------------------------------------------------------------------------
 
 
+# Keys added to the config after runs were recorded without them, with the value that computes what those runs did: a
+# stored run that lacks one resumes (or is found complete) when the key has that value now.
+KEYS_ADDED_SINCE = {"init.nudge_ulp": 0, "init.nudge_param": "head.weight", "init.nudge_seed": 0}
+
+
 # --- model, data and optimizer ----------------------------------------------------------------------
 
 
 def build_model(plan: Plan) -> tuple[RWKV, dict]:
-    """Model with its init applied; returns the init record for run.json."""
+    """Model with its init applied, then its nudge (``init.nudge_ulp``); returns the init record for run.json."""
     torch.manual_seed(plan.seed)
     model = RWKV(plan.impl, plan.model_cfg)
+    record = _load_init(model, plan)
+    if plan.nudge.elements:
+        record["nudge"] = nudge_weights(model, plan.nudge, training_dtype(plan.precision, plan.strategy))
+    return model, record
+
+
+def _load_init(model: RWKV, plan: Plan) -> dict:
     mode, seed = plan.init_mode, plan.seed
     if mode != "shared":
         apply_init(model, mode, seed)
-        return model, {"mode": mode, "seed": seed}
+        return {"mode": mode, "seed": seed}
     key = shared_init_key(plan.model_cfg, seed)
     path = plan.shared_init
     if path.exists():
         model.load_canonical_state_dict(_load_shared_init(path, key))
     else:
         _save_shared_init(path, apply_init(model, mode, seed), key)
-    return model, {"mode": mode, "seed": seed, "key": key, "file": portable_path(path), "sha256": file_sha256(path)}
+    return {"mode": mode, "seed": seed, "key": key, "file": portable_path(path), "sha256": file_sha256(path)}
 
 
 def _save_shared_init(path: Path, state: dict[str, torch.Tensor], key: dict[str, str]) -> None:
@@ -172,7 +184,7 @@ def _flat_config(cfg: DictConfig) -> dict[str, object]:
 
 
 def _config_differences(stored: dict, current: DictConfig) -> list[str]:
-    old = _flat_config(OmegaConf.create(stored))
+    old = {**KEYS_ADDED_SINCE, **_flat_config(OmegaConf.create(stored))}
     new = _flat_config(current)
     keys = (set(old) | set(new)) - set(RESUME_NEUTRAL_KEYS)
     return sorted(k for k in keys if old.get(k) != new.get(k))
