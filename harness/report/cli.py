@@ -51,12 +51,13 @@ def build_report(results_dir: Path, figures_dir: Path, experiments: list[str] | 
     written = draw_figures(steps, figures_dir, baseline)
     bench = bench_table(results_dir)
     throughput = with_bare_ratio(throughput, bench)
-    extra = (study_markdown(results_dir, steps, throughput, bench) + overhead_markdown(results_dir)
+    causes = cause_table(steps, published_comparison(results_dir))
+    extra = (study_markdown(results_dir, steps, causes, throughput, bench) + overhead_markdown(results_dir)
              + kernels_markdown(results_dir) + inference_markdown(results_dir))
     extra += synthetic_markdown(results_dir, figures_dir)  # results/synthetic-article3 (harness/synthetic)
     summary = summary_markdown(throughput, losses, steps, bench, extra, arms.left_out)
     tables = {"throughput": throughput, "loss": losses} if csv else {}
-    headline = headline_markdown(cause_table(steps, published_comparison(results_dir)), bench, results_dir)
+    headline = headline_markdown(causes, bench, results_dir)
     return written + write_summary(summary, summary_dir, tables, readmes, headline)
 
 

@@ -21,7 +21,7 @@ import pandas as pd
 
 from harness.report.arms import curve_keys
 from harness.report.stats import LAST_STEPS, MARGIN, equivalence
-from harness.report.study_speed import published_comparison, speed_layers
+from harness.report.study_speed import speed_layers
 from harness.tables import markdown_table
 
 STUDY_EXPERIMENT = "study-fair-bsz48"
@@ -127,12 +127,11 @@ def _seeds_by_gpu(pairs: pd.DataFrame) -> str:
                      for gpus, group in pairs.assign(gpus=short).groupby("gpus", sort=True))
 
 
-def study_markdown(results_dir: Path, steps: pd.DataFrame, throughput: pd.DataFrame,
+def study_markdown(results_dir: Path, steps: pd.DataFrame, causes: pd.DataFrame, throughput: pd.DataFrame,
                    bench: pd.DataFrame | None) -> list[str]:
-    """The headline sections, or nothing when the study experiment has no runs."""
+    """The headline sections (``causes``: :func:`cause_table`), or nothing when the study experiment has no runs."""
     if not (steps["experiment"] == STUDY_EXPERIMENT).any():
         return []
-    causes = cause_table(steps, published_comparison(results_dir))
     speeds = speed_layers(results_dir, throughput, bench, STUDY_EXPERIMENT)
     return [
         f"### {STUDY_HEADING}",

@@ -9,6 +9,7 @@ diagnostics) -> throughput summary into run.json. Rerunning the same command res
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -25,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
+from harness.config import CONF_DIR
 from harness.data.binidx import (
     BinIdx,
     ResumeSampler,
@@ -62,9 +64,16 @@ RESUME_NEUTRAL_KEYS = ("trainer.ckpt_every", "trainer.num_workers", "trainer.pro
 # --- configuration -----------------------------------------------------------------------------------
 
 
-# Keys added to the config after runs were recorded without them, with the value that computes what those runs did: a
-# stored run that lacks one resumes (or is found complete) when the key has that value now.
-KEYS_ADDED_SINCE = {"init.nudge_ulp": 0, "init.nudge_param": "head.weight", "init.nudge_seed": 0}
+# Keys added to the config after runs were recorded without them: the nudge of conf/config.yaml's ``init`` block,
+# whose defaults compute what those runs did. A stored run that lacks one resumes (or is found complete) when the key
+# has its default now.
+ADDED_SINCE_BLOCK = "init"
+
+
+@functools.cache
+def keys_added_since() -> dict[str, object]:
+    defaults = OmegaConf.load(CONF_DIR / "config.yaml")[ADDED_SINCE_BLOCK]
+    return {f"{ADDED_SINCE_BLOCK}.{key}": value for key, value in defaults.items()}
 
 
 # --- model, data and optimizer ----------------------------------------------------------------------
@@ -184,7 +193,7 @@ def _flat_config(cfg: DictConfig) -> dict[str, object]:
 
 
 def _config_differences(stored: dict, current: DictConfig) -> list[str]:
-    old = {**KEYS_ADDED_SINCE, **_flat_config(OmegaConf.create(stored))}
+    old = {**keys_added_since(), **_flat_config(OmegaConf.create(stored))}
     new = _flat_config(current)
     keys = (set(old) | set(new)) - set(RESUME_NEUTRAL_KEYS)
     return sorted(k for k in keys if old.get(k) != new.get(k))

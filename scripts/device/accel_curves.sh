@@ -32,7 +32,7 @@ for seed in $SEEDS; do
       while [ "$(jobs -rp | wc -l)" -ge "$PARALLEL" ]; do wait -n; done
       left=$(( BUDGET_S - ($(date +%s) - start) ))
       [ "$left" -gt "$MIN_LEFT_S" ] || { echo "=== $impl seed $seed $variant: not started, ${left} s left"; continue; }
-      log=/tmp/accel-curves-$impl-$seed-$variant.log
+      log="$DEVICE_LOGS/accel-curves-$impl-$seed-$variant.log"
       echo "=== $impl seed $seed $variant: started at +$(( $(date +%s) - start )) s with ${left} s left"
       ( timeout -s INT "$left" python3 -m harness.run impl=$impl trainer=gpu bsz=48 data=corpus seed=$seed \
           trainer.max_steps=$STEPS trainer.ckpt_every=0 trainer.progress_every=50 trainer.strategy=single_device \
@@ -45,5 +45,5 @@ for seed in $SEEDS; do
 done
 wait
 return_run_logs "$EXPERIMENT" accel-curves
-tail -n 3 /tmp/accel-curves-*.log > "$OUT/accel-curves-logs-tail.txt" 2>/dev/null
+tail -n 3 "$DEVICE_LOGS"/accel-curves-*.log > "$OUT/accel-curves-logs-tail.txt" 2>/dev/null
 return_device_records

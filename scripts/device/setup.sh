@@ -2,6 +2,8 @@
 # Installs the carried wheels, unpacks the corpus (checked against its manifest), sets the environment.
 # Locations default under $HOME / $TMPDIR (on the device: /root, /tmp) and can be set before sourcing.
 export DEVICE_SITE=${DEVICE_SITE:-${TMPDIR:-/tmp}/rwkv-site}
+# The scripts' per-run logs (their tails go into $OUT): a fresh folder for each script that sources this.
+export DEVICE_LOGS=$(mktemp -d)
 # Installed once per machine: a second script sourcing this while the first one's processes import from the site
 # must not reinstall under them.
 if [ ! -f "$DEVICE_SITE/.installed" ]; then

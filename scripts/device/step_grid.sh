@@ -43,7 +43,7 @@ for bsz in $BATCHES; do
     left=$(( BUDGET_S - ($(date +%s) - start_all) ))
     if [ "$left" -lt 45 ]; then echo "=== $arm bsz=$bsz: skipped, ${left} s of the call left"; continue; fi
     start=$(date +%s)
-    log="/tmp/step-$arm-bsz$bsz.log"  # $OUT takes 8 files: the rows' logs go into one
+    log="$DEVICE_LOGS/step-$arm-bsz$bsz.log"  # $OUT takes 8 files: the rows' logs go into one
     arm_args "$arm"
     timeout $(( left < STEP_TIMEOUT_S ? left : STEP_TIMEOUT_S )) python3 -m harness.bench step "${ARGS[@]}" \
       bsz="$bsz" > "$log" 2>&1
@@ -52,9 +52,9 @@ for bsz in $BATCHES; do
     echo "=== $arm bsz=$bsz: exit $status, $(( $(date +%s) - start )) s: $(grep -E 'kt/s|^error' "$log" | tail -1)"
     cp results/bench/step.csv results/bench/step.jsonl "$OUT/"  # after each row: a later timeout keeps these
     if [[ " $PROFILE_ARMS " == *" $arm "* && $bsz == "${BATCHES%% *}" ]]; then
-      timeout 200 python3 -m harness.bench step "${ARGS[@]}" bsz="$bsz" out=/tmp/profiles --profile \
-        > "/tmp/profile-$arm.log" 2>&1
-      { echo "=== profile $arm bsz=$bsz"; cat "/tmp/profile-$arm.log"; } >> "$OUT/profiles.log"
+      timeout 200 python3 -m harness.bench step "${ARGS[@]}" bsz="$bsz" out="$DEVICE_LOGS/profiles" --profile \
+        > "$DEVICE_LOGS/profile-$arm.log" 2>&1
+      { echo "=== profile $arm bsz=$bsz"; cat "$DEVICE_LOGS/profile-$arm.log"; } >> "$OUT/profiles.log"
     fi
   done
 done

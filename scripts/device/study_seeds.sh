@@ -40,14 +40,14 @@ for job in "${jobs_list[@]}"; do
   echo "=== $arm seed $seed: started at +$(( $(date +%s) - start )) s with ${left} s left ($(used_gib) GiB in use)"
   ( EXPERIMENT=study-fair-bsz$BSZ DATA=corpus SEED=$seed timeout -s INT "$left" train-temp/demo-training-run.sh "$arm" \
       fair bsz=$BSZ trainer.max_steps=$STEPS trainer.ckpt_every=$CKPT_EVERY trainer.loss_only=true trainer.grad_cp=false \
-      trainer.progress_every=0 results_dir=$STUDY_RESULTS ${EXTRA:-} > "/tmp/seed-$arm-$seed.log" 2>&1
+      trainer.progress_every=0 results_dir=$STUDY_RESULTS ${EXTRA:-} > "$DEVICE_LOGS/seed-$arm-$seed.log" 2>&1
     echo "=== $arm seed $seed: exit $? at +$(( $(date +%s) - start )) s:" \
-      "$(grep -E '^done|^error|interrupted|Error' "/tmp/seed-$arm-$seed.log" | tail -1)" ) &
+      "$(grep -E '^done|^error|interrupted|Error' "$DEVICE_LOGS/seed-$arm-$seed.log" | tail -1)" ) &
   running_gib[$!]=$need
   sleep 5
 done
 wait
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 return_run_logs "study-*" study-results
-tail -n 3 /tmp/seed-*.log > "$OUT/seed-logs-tail.txt" 2>/dev/null
+tail -n 3 "$DEVICE_LOGS"/seed-*.log > "$OUT/seed-logs-tail.txt" 2>/dev/null
 return_device_records
